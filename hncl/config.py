@@ -1,0 +1,247 @@
+"""Typed configuration: every default lives here, in one place.
+
+A run's config is these dataclasses, overlaid by a YAML file (``configs/*.yaml``), overlaid by
+dotted command-line overrides (``data.batch_size=64``). OmegaConf checks types and enum values;
+``validate`` checks ranges and cross-field rules. Every error names the offending field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user in one line that names the field."""
+
+
+class NNSpace(str, enum.Enum):
+    heatmap = "heatmap"  # HNCL: neighbours by facial-landmark heatmap descriptor
+    embedding = "embedding"  # NNCLR: neighbours by the learned embedding
+    none = "none"  # two-view baseline, no neighbour term
+
+
+class Arch(str, enum.Enum):
+    resnet18 = "resnet18"
+    resnet50 = "resnet50"
+
+
+class Stem(str, enum.Enum):
+    imagenet = "imagenet"  # torchvision's 7x7/2 conv + max-pool (for >= 112 px faces)
+    small = "small"  # 3x3/1 conv, no pool (for tiny CPU images, e.g. 32-64 px)
+
+
+class Dtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float64 = "float64"
+
+
+class Strategy(str, enum.Enum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class OptimizerName(str, enum.Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+    lars = "lars"
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.resnet18
+    width: int = 64  # channels of the first stage; 64 = torchvision's ResNet, smaller for CPU tests
+    stem: Stem = Stem.imagenet
+    proj_layers: int = 3  # NNCLR projector: 3 linear layers with BatchNorm
+    proj_hidden: int = 2048
+    proj_out: int = 256
+    pred_hidden: int = 4096  # NNCLR predictor: 2 linear layers
+    init_weights: Optional[str] = None  # torchvision-keyed ResNet state dict (.pth/.safetensors)
+
+
+@dataclass
+class MethodConfig:
+    nn_space: NNSpace = NNSpace.heatmap
+    nn_weight: float = 1.0  # lambda: weight of the neighbour term
+    view_weight: float = 1.0  # weight of the two-view term (0 + nn_space=embedding = NNCLR)
+    temperature: float = 0.1
+    topk: int = 1  # each of the top-k valid neighbours is a positive
+    queue_size: int = 65536  # global Q, split evenly over the W ranks
+    queue_dtype: Dtype = Dtype.float32
+
+
+@dataclass
+class DescriptorConfig:
+    resolution: int = 16  # R: heatmaps are stored pooled to 68 x R x R (uint8)
+    inner_only: bool = True  # drop the 17 jaw-line points, which carry face shape (identity)
+    dim: int = 256  # Dh after the PCA projection
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[str] = None  # local dir or s3:// URL of a shard set
+    eval_shards: Optional[str] = None
+    image_size: int = 112
+    batch_size: int = 256  # per rank
+    loader_workers: int = 4
+    shuffle_buffer: int = 2000
+    steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.3  # for a global batch of 256; scaled linearly with the global batch
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    epochs: int = 100
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class DistConfig:
+    strategy: Strategy = Strategy.ddp
+    num_workers: int = 1  # Ray Train workers (= ranks)
+    use_gpu: bool = False
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
+    precision: Dtype = Dtype.float32  # bfloat16/float16 = mixed precision on GPU
+    max_failures: int = 2
+
+
+@dataclass
+class RunConfig:
+    name: str = "hncl"
+    output_dir: str = "runs"  # local dir or s3:// URL
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _node_class(path: str) -> Any:
+    """The dataclass type at dotted ``path`` of Config ('' = Config), or None."""
+    cls: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        cls = typing.get_type_hints(cls).get(part)
+        if not is_dataclass(cls):
+            return None
+    return cls
+
+
+def _unknown_key_message(full_key: str) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    cls = _node_class(parent)
+    allowed = [f.name for f in fields(cls)] if cls is not None else []
+    hint = difflib.get_close_matches(leaf, allowed, n=1)
+    where = f"'{parent}'" if parent else "the top level"
+    msg = f"config error: unknown key '{full_key}'"
+    if hint:
+        msg += f" (did you mean '{(parent + '.') if parent else ''}{hint[0]}'?)"
+    return msg + f"; keys allowed in {where}: {', '.join(allowed)}"
+
+
+def _reraise(e: OmegaConfBaseException, source: str) -> None:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, ConfigKeyError) or "not in" in str(getattr(e, "msg", "")):
+        raise ConfigError(_unknown_key_message(key) + f" [{source}]") from None
+    text = str(getattr(e, "msg", None) or e).splitlines()[0]
+    raise ConfigError(f"config error: {key or '?'}: {text} [{source}]") from None
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        _reraise(e, source)
+        raise  # unreachable
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file <- dotted overrides, typed and validated."""
+    cfg: DictConfig = OmegaConf.structured(Config)
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config error: file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"config error: cannot parse {path}: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, file_cfg, path)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"config error: override '{bad[0]}' is not of the form key=value")
+    if overrides:
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"config error: cannot parse overrides: {e}") from None
+        cfg = _merge(cfg, dot, "command line")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(cond: bool, key: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error: {key}={value!r}: {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field rules OmegaConf's types cannot express."""
+    m, me, d = cfg.model, cfg.method, cfg.descriptor
+    _check(m.width >= 8, "model.width", m.width, "must be >= 8")
+    _check(m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "allowed values: 2, 3")
+    for k in ("proj_hidden", "proj_out", "pred_hidden"):
+        _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
+    _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
+    _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
+    _check(me.nn_weight >= 0, "method.nn_weight", me.nn_weight, "must be >= 0")
+    _check(me.view_weight >= 0, "method.view_weight", me.view_weight, "must be >= 0")
+    _check(me.view_weight > 0 or (me.nn_weight > 0 and me.nn_space != NNSpace.none),
+           "method.view_weight", me.view_weight, "with no neighbour term the view term is the whole loss; must be > 0")
+    _check(me.queue_size >= 1, "method.queue_size", me.queue_size, "must be >= 1")
+    _check(me.queue_size % cfg.dist.num_workers == 0, "method.queue_size", me.queue_size,
+           f"must be divisible by dist.num_workers={cfg.dist.num_workers} (each rank holds Q/W slots)")
+    _check(d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,
+           "allowed values: 4, 8, 16, 32, 64 (divisors of the 64x64 heatmap)")
+    _check(d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1")
+    _check(cfg.data.image_size >= 16, "data.image_size", cfg.data.image_size, "must be >= 16")
+    _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
+    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, "must be >= 0")
+    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    _check(cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, "must be >= 1")
+    _check(cfg.dist.num_workers >= 1, "dist.num_workers", cfg.dist.num_workers, "must be >= 1")
+    _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage, "allowed values: 0, 1, 2")
+    _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, "must be >= 1")
+    _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str) -> None:
+    """Write the resolved config (what the run actually used) next to its outputs."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))

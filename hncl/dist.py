@@ -1,0 +1,99 @@
+"""torch.distributed helpers that also work in a single plain process (world size 1).
+
+Batches may differ in size across ranks (the last batch of an evaluation pass, say), so the
+gathers exchange sizes first and pad; in the common equal-size case that costs one tiny extra
+collective.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gather_sizes(n: int, device: torch.device) -> List[int]:
+    """Every rank's local row count, in rank order."""
+    if not is_distributed():
+        return [n]
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather(out, local)
+    return [int(t.item()) for t in out]
+
+
+def _all_gather_padded(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (rows may differ per rank, given by ``sizes``)."""
+    biggest = max(sizes)
+    if x.shape[0] < biggest:
+        pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
+        x = torch.cat([x, pad])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def all_gather_rows(x: torch.Tensor, sizes: List[int] | None = None) -> torch.Tensor:
+    """All-gather along dim 0 without gradient. Identity in a single process."""
+    if not is_distributed():
+        return x
+    sizes = sizes if sizes is not None else gather_sizes(x.shape[0], x.device)
+    return _all_gather_padded(x.detach(), sizes)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for our rows and returns only them.
+
+    Each rank's loss uses all ranks' rows (as negatives), so the gradient of the total loss
+    w.r.t. our rows is the sum over ranks: an all-reduce, then our slice. This is what makes
+    the W-rank loss's gradients equal those of one process on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: Tuple[int, ...]):  # type: ignore[override]
+        ctx.sizes = sizes
+        return _all_gather_padded(x, list(sizes))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: rank()])
+        return grad[start : start + ctx.sizes[rank()]], None
+
+
+def all_gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """All-gather along dim 0, differentiable. Returns (gathered, offset of our rows)."""
+    if not is_distributed():
+        return x, 0
+    sizes = tuple(gather_sizes(x.shape[0], x.device))
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (no gradient); returns a new tensor."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x)
+    return x

@@ -1,0 +1,102 @@
+"""Shared test infrastructure: real components only.
+
+- ``s3``: a real S3 endpoint (moto's threaded server on 127.0.0.1, free port) and an s3fs
+  filesystem talking to it.
+- ``run_distributed(fn, world_size, *args)``: runs ``fn(*args)`` in W real processes joined in a
+  gloo process group (torch.multiprocessing spawn, free port) and returns their results in rank
+  order. ``fn`` must be importable (a module-level function in a test module).
+- ``ray_local``: one local Ray instance (``ray.init(num_cpus=2)``) for the whole session.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from typing import Any, Callable, List
+
+import pytest
+import torch
+
+from hncl.dist import free_port
+
+
+# --- multi-process gloo ---------------------------------------------------------------------
+def _dist_entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        result = fn(*args)
+        torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:
+    """Run fn(*args) on `world_size` gloo ranks; a failure on any rank raises here with its
+    traceback."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.start_processes(
+            _dist_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
+            join=True, start_method="spawn")
+        return [torch.load(os.path.join(out_dir, f"result_{r}.pt"), weights_only=False)
+                for r in range(world_size)]
+
+
+@pytest.fixture(name="run_distributed")
+def run_distributed_fixture():
+    return run_distributed
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")}
+    # Libraries that read the standard variables (pyarrow, boto3, Ray's storage) hit moto too.
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_ENDPOINT_URL_S3=url)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """An s3fs filesystem on the moto endpoint with a fresh bucket; yields (fs, bucket)."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint,
+                           use_listings_cache=False)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    fs.rm(bucket, recursive=True)
+
+
+# --- Ray ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers must import the test modules that define their training loops.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
