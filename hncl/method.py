@@ -1,0 +1,94 @@
+"""One HNCL training step: model + neighbour queue + loss (no Ray, no optimiser).
+
+    z1, p1, z2, p2 = model(x1, x2)
+    nn = queue.lookup(heatmap descriptor | z, id)       # before this batch is enqueued
+    loss = HNCLLoss(z, p, nn)
+    queue.enqueue(heatmap descriptor, z1, id)
+
+`model` may be the DDP-wrapped module; the queue is kept beside it, never inside it (see
+hncl.queue for why).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from hncl import dist as hdist
+from hncl.loss import HNCLLoss
+from hncl.queue import ShardedNeighborQueue
+
+
+class HNCL:
+    def __init__(self, model: torch.nn.Module, queue: Optional[ShardedNeighborQueue], loss: HNCLLoss,
+                 topk: int = 1, descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.model = model
+        self.queue = queue
+        self.loss = loss
+        self.topk = topk
+        self.descriptor = descriptor  # stored heatmaps -> descriptors, on the device
+        self.nn_space = queue.nn_space if queue is not None else "none"
+
+    def _descriptors(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if "desc" in batch:
+            return batch["desc"]
+        if self.descriptor is None or "heatmap" not in batch:
+            raise ValueError("nn_space='heatmap' needs batch['desc'] or batch['heatmap'] plus a descriptor")
+        return self.descriptor(batch["heatmap"])
+
+    def training_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """batch: x1, x2 (views [B,3,H,W]), id [B] int64, optional label [B] (-1 = none), and for
+        heatmap neighbours desc [B,Dh] or heatmap. Returns (this rank's loss, global metrics)."""
+        z1, p1, z2, p2 = self.model(batch["x1"], batch["x2"])
+        ids = batch["id"]
+        labels = batch.get("label")
+        metrics: Dict[str, float] = {}
+        if self.queue is None:
+            out = self.loss(z1, z2, p1, p2)
+            return out.loss, out.terms
+
+        desc = self._descriptors(batch) if self.nn_space == "heatmap" else None
+        k = self.topk
+        if self.nn_space == "heatmap":
+            n1 = self.queue.lookup(desc, ids, k)
+            n2 = n1  # one heatmap per image: both views share its neighbours
+        else:
+            n1 = self.queue.lookup(z1.detach(), ids, k)
+            n2 = self.queue.lookup(z2.detach(), ids, k)
+        out = self.loss(z1, z2, p1, p2, n1.embeddings, n1.valid, n2.embeddings, n2.valid)
+        metrics.update(out.terms)
+        metrics.update(self._neighbour_metrics(n1, labels))
+        self.queue.enqueue(desc, z1.detach(), ids, labels)
+        return out.loss, metrics
+
+    def _neighbour_metrics(self, n, labels: Optional[torch.Tensor]) -> Dict[str, float]:
+        """Queue fill, mean neighbour score and (labels known) neighbour label purity, global."""
+        valid = n.valid
+        stats = [valid.sum(), torch.where(valid, n.scores, torch.zeros_like(n.scores)).sum(),
+                 (self.queue.ids >= 0).sum()]
+        if labels is not None:
+            labels = labels.to(n.labels.device)
+            known = valid & (n.labels >= 0) & (labels.unsqueeze(1) >= 0)
+            stats += [known.sum(), (known & (n.labels == labels.unsqueeze(1))).sum()]
+        s = hdist.all_reduce_sum(torch.stack([t.double() for t in stats]))
+        out = {"queue_fill": float(s[2]) / self.queue.capacity,
+               "nn_score": float(s[1] / s[0]) if s[0] > 0 else float("nan")}
+        if labels is not None:
+            out["nn_purity"] = float(s[4] / s[3]) if s[3] > 0 else float("nan")
+        return out
+
+
+def build_hncl(cfg, model: torch.nn.Module, device: torch.device | str = "cpu",
+               descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> HNCL:
+    """HNCL from a validated config (hncl.config.Config). Call after the process group is up."""
+    me = cfg.method
+    nn_space = str(getattr(me.nn_space, "value", me.nn_space))
+    loss = HNCLLoss(me.temperature, me.view_weight, me.nn_weight if nn_space != "none" else 0.0)
+    queue = None
+    if nn_space != "none" and me.nn_weight > 0:
+        dtype = getattr(torch, str(getattr(me.queue_dtype, "value", me.queue_dtype)))
+        queue = ShardedNeighborQueue(me.queue_size, cfg.model.proj_out,
+                                     cfg.descriptor.dim if nn_space == "heatmap" else None,
+                                     nn_space=nn_space, dtype=dtype, device=device)
+    return HNCL(model, queue, loss, topk=me.topk, descriptor=descriptor)
