@@ -95,3 +95,12 @@ def test_unbuilt_subcommands_say_so_and_fail(capsys):
         assert main([name]) == 2, name
         err = capsys.readouterr().err
         assert "not built yet" in err and f"#{issue}" in err
+
+
+def test_make_shards_preview_writes_a_contact_sheet(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "preview.png"
+    assert main(["make-shards", "--source", "synthetic", "--num-samples", "10", "--preview", str(out)]) == 0
+    assert Image.open(out).size == (8 * 112, 2 * (112 + 14))
+    assert main(["make-shards", "--source", "synthetic"]) == 2  # writing shards: not built yet
