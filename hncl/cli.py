@@ -41,13 +41,39 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
             return 2
         from hncl.data.synthetic import SyntheticFaces, contact_sheet
 
-        ds = SyntheticFaces(max(1, (args.num_samples + 6) // 7), 7, size=args.size, seed=args.seed)
-        contact_sheet([ds[i] for i in range(min(args.num_samples, len(ds)))], args.preview)
-        print(f"wrote {args.preview}: {min(args.num_samples, len(ds))} synthetic faces with landmarks")
+        n = args.num_samples or 32
+        ds = SyntheticFaces(max(1, (n + 6) // 7), 7, size=args.image_size, seed=args.seed)
+        contact_sheet([ds[i] for i in range(min(n, len(ds)))], args.preview)
+        print(f"wrote {args.preview}: {min(n, len(ds))} synthetic faces with landmarks")
         return 0
-    print("hncl make-shards: writing shard sets is not built yet (tracked as issue #4); "
-          "only --preview works. Nothing was written.", file=sys.stderr)
-    return 2
+    from hncl.data.make_shards import MakeShardsError, ShardJob, make_shards
+
+    if not args.out:
+        print("hncl make-shards: --out DIR_OR_S3_URL is required", file=sys.stderr)
+        return 2
+    source_opts = {}
+    if args.source == "synthetic":
+        source_opts = {"num_samples": args.num_samples or 1000, "seed": args.seed, "size": args.image_size}
+    elif args.num_classes and args.source in ("affectnet", "ferplus"):
+        source_opts = {"num_classes": args.num_classes}
+    ext_opts = {}
+    if args.extractor == "fan":
+        ext_opts = {"device": args.device, "weights": args.fan_weights, "download": args.download}
+    elif args.extractor == "dlib":
+        ext_opts = {"detect": args.dlib_detect}
+    job = ShardJob(source=args.source, out=args.out.rstrip("/"), input=args.input, split=args.split,
+                   source_options=tuple(sorted(source_opts.items())), extractor=args.extractor,
+                   extractor_options=tuple(sorted(ext_opts.items())), image_size=args.image_size,
+                   resolution=args.resolution)
+    try:
+        make_shards(job, shard_size=args.shard_size, workers=args.workers, ray_address=args.ray,
+                    max_skip_fraction=args.max_skip_fraction, descriptor_dim=args.descriptor_dim,
+                    inner_only=not args.all_points, seed=args.seed, readers=args.readers,
+                    command=" ".join(["hncl", "make-shards", *sys.argv[2:]]), progress=not args.quiet)
+    except (MakeShardsError, FileNotFoundError, ValueError) as e:
+        print(f"hncl make-shards: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -75,15 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("make-shards", help="turn a face dataset into WebDataset shards with heatmaps "
-                       "(local or S3) [only --preview built yet]",
-                       description="Build a shard set. Only --preview (a contact sheet of synthetic faces "
-                       "with landmarks) is built yet; shard writing is tracked as issue #4.")
-    p.add_argument("--source", default="synthetic", help="dataset source (synthetic)")
-    p.add_argument("--num-samples", type=int, default=32, help="faces to generate (synthetic)")
-    p.add_argument("--size", type=int, default=112, help="face size in pixels")
+    p = sub.add_parser("make-shards", help="turn a face dataset into WebDataset shards with heatmaps (local or S3)",
+                       description="Build a shard set: aligned faces + landmark heatmaps + labels, a PCA "
+                       "descriptor and a manifest. Resumable: rerun the same command after an interruption.")
+    p.add_argument("--source", default="synthetic",
+                   choices=["synthetic", "folder", "unlabeled", "rafdb", "affectnet", "fer2013", "ferplus"])
+    p.add_argument("--input", metavar="PATH", help="dataset root (or CSV); not for synthetic")
+    p.add_argument("--num-samples", type=int, help="faces to generate (synthetic; default 1000)")
+    p.add_argument("--out", metavar="DIR_OR_S3_URL", help="output folder, e.g. shards/NAME or s3://bucket/prefix")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--extractor", default="landmarks", choices=["landmarks", "dlib", "fan"],
+                   help="landmarks: given points (synthetic, affectnet); dlib: offline 68-point model; fan: 2D-FAN-4")
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preview", metavar="FILE", help="write a PNG contact sheet with landmarks drawn, then stop")
+    p.add_argument("--workers", type=int, default=1, help="local processes (ignored with --ray)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run shards as Ray tasks: 'auto', 'local' or ray://HOST:PORT")
+    p.add_argument("--image-size", type=int, default=112, help="aligned face size in pixels")
+    p.add_argument("--resolution", type=int, default=16, choices=[4, 8, 16, 32, 64], help="stored heatmap R")
+    p.add_argument("--descriptor-dim", type=int, default=256)
+    p.add_argument("--all-points", action="store_true", help="descriptor on all 68 points (default: inner 51)")
+    p.add_argument("--max-skip-fraction", type=float, default=0.05, help="fail above this fraction of skipped rows")
+    p.add_argument("--num-classes", type=int, choices=[7, 8], help="affectnet / ferplus: with contempt (8) or not")
+    p.add_argument("--readers", type=int, help="expected ranks x loader workers (warns if more than shards)")
+    p.add_argument("--device", default="cpu", help="fan: torch device")
+    p.add_argument("--fan-weights", metavar="FILE", help="fan: 2DFAN4 weights file")
+    p.add_argument("--download", action="store_true", help="fan: download weights if missing")
+    p.add_argument("--dlib-detect", default="auto", choices=["auto", "never", "always"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preview", metavar="FILE", help="only write a PNG contact sheet of synthetic faces with landmarks")
     p.set_defaults(func=_cmd_make_shards)
 
     p = sub.add_parser("demo", help="end-to-end preview on synthetic faces: heatmaps, descriptor, HNCL training",

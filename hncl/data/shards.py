@@ -1,0 +1,171 @@
+"""Streaming reader for shard sets (local folders or s3:// URLs), built on webdataset stages.
+
+Training mode: shards resampled with replacement (each rank and loader worker draws its own
+seeded stream), a sample shuffle buffer, fixed-size batches, endless — the training loop takes
+exactly `steps_per_epoch` batches per epoch on every rank, so collectives never hang on a rank
+that ran out of data. Evaluation mode: every sample exactly once, split by rank and loader
+worker, the last batch partial.
+
+Corrupt samples and truncated shards are skipped, not fatal: each is logged with its shard and
+counted by reason, and every batch carries the counts its worker accumulated since its previous
+batch (`batch["skipped"]`), which the training loop sums.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from hncl import storage
+from hncl.heatmaps.descriptor import HeatmapDescriptor
+
+log = logging.getLogger(__name__)
+
+
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return fsspec.open(url, mode).open()
+
+
+# webdataset opens URLs through its gopen table; route s3:// through fsspec/s3fs (no shell pipes)
+importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _fsspec_gopen
+
+
+class SkipCounter:
+    """Per-process counts of skipped samples by reason; a webdataset exception handler."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: Dict[str, int] = {}
+
+    def handler(self, exn: Exception) -> bool:
+        reason = _reason(exn)
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+        log.warning("skipped (%s): %s", reason, str(exn)[:300])
+        return True  # keep going
+
+    def take(self) -> Dict[str, int]:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return counts
+
+
+def _reason(exn: Exception) -> str:
+    text = f"{type(exn).__name__} {exn}".lower()
+    if "tar" in text or "eof" in text or "truncat" in text or "unexpected end" in text:
+        return "truncated or unreadable shard"
+    if "jpeg" in text or "image" in text or "decode" in text:
+        return "corrupt image"
+    if isinstance(exn, KeyError):
+        return "incomplete sample"
+    return "corrupt sample"
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw tar members -> tensors: image uint8 [3, H, W], heatmap uint8 [68, R, R],
+    landmarks float32 [68, 2], label (-1 when none), id."""
+    for part in ("jpg", "heatmap.npy", "json"):
+        if part not in sample:
+            raise KeyError(f"{sample.get('__key__')} in {sample.get('__url__')} has no .{part}")
+    meta = json.loads(sample["json"])
+    with Image.open(io.BytesIO(sample["jpg"])) as im:  # torchvision.io's decoders are deprecated (0.29)
+        image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    heatmap = torch.from_numpy(np.load(io.BytesIO(sample["heatmap.npy"]), allow_pickle=False))
+    lm = sample.get("landmarks.npy")
+    landmarks = (torch.from_numpy(np.load(io.BytesIO(lm), allow_pickle=False).astype(np.float32))
+                 if lm is not None else torch.full((68, 2), float("nan")))
+    label = meta.get("label")
+    return {"image": image, "heatmap": heatmap, "landmarks": landmarks,
+            "label": -1 if label is None else int(label), "id": int(meta["id"])}
+
+
+def _collate(counter: SkipCounter):
+    def collate(samples: List[dict]) -> dict:
+        return {"image": torch.stack([s["image"] for s in samples]),
+                "heatmap": torch.stack([s["heatmap"] for s in samples]),
+                "landmarks": torch.stack([s["landmarks"] for s in samples]),
+                "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+                "id": torch.tensor([s["id"] for s in samples], dtype=torch.int64),
+                "skipped": counter.take()}
+    return collate
+
+
+@dataclass
+class ShardSet:
+    """A finished shard set: its manifest, shard URLs and descriptor."""
+
+    root: str
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str) -> "ShardSet":
+        root = root.rstrip("/")
+        url = storage.join(root, "manifest.json")
+        if not storage.exists(url):
+            raise FileNotFoundError(f"{root} is not a finished shard set (no manifest.json); "
+                                    f"build or resume it with `hncl make-shards ... --out {root}`")
+        return cls(root, storage.read_json(url))
+
+    @property
+    def urls(self) -> List[str]:
+        return [storage.join(self.root, s["name"]) for s in self.manifest["shards"] if s["num_samples"] > 0]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def descriptor(self) -> HeatmapDescriptor:
+        return HeatmapDescriptor.load(io.BytesIO(storage.read_bytes(storage.join(self.root, "descriptor.npz"))))
+
+
+def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
+                   counter: Optional[SkipCounter] = None) -> wds.DataPipeline:
+    """Endless, resampled, shuffled batches (see module docstring)."""
+    counter = counter or SkipCounter()
+    return wds.DataPipeline(
+        wds.ResampledShards(shards.urls, seed=seed),
+        wds.tarfile_to_samples(handler=counter.handler),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), handler=counter.handler),
+        wds.map(decode_sample, handler=counter.handler),
+        wds.batched(batch_size, collation_fn=_collate(counter), partial=False),
+    )
+
+
+def eval_pipeline(shards: ShardSet, batch_size: int, counter: Optional[SkipCounter] = None) -> wds.DataPipeline:
+    """One pass, every sample exactly once over all ranks and loader workers."""
+    counter = counter or SkipCounter()
+    return wds.DataPipeline(
+        wds.SimpleShardList(shards.urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=counter.handler),
+        wds.map(decode_sample, handler=counter.handler),
+        wds.batched(batch_size, collation_fn=_collate(counter), partial=True),
+    )
+
+
+def loader(pipeline: wds.DataPipeline, num_workers: int = 2) -> torch.utils.data.DataLoader:
+    """DataLoader over a pipeline (batches are made by the pipeline)."""
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def add_skipped(total: Dict[str, int], batch: dict) -> None:
+    for reason, n in batch.get("skipped", {}).items():
+        total[reason] = total.get(reason, 0) + n
+
+
+def iterate_forever(dl) -> Iterator[dict]:
+    while True:
+        yield from dl

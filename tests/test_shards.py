@@ -1,0 +1,169 @@
+"""make_shards and the streaming reader on real files, real processes, real Ray and real S3."""
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hncl.data.make_shards import MakeShardsError, ShardJob, make_shards, verify
+from hncl.data.shards import ShardSet, eval_pipeline, loader, train_pipeline
+from hncl.data.synthetic import SyntheticFaces
+
+N, SHARD = 120, 30
+
+
+def synthetic_job(out, n=N, seed=0):
+    return ShardJob(source="synthetic", out=str(out), source_options=(("num_samples", n), ("seed", seed), ("size", 112)))
+
+
+def build(out, **kw):
+    kw.setdefault("descriptor_dim", 32)
+    return make_shards(synthetic_job(out), shard_size=SHARD, progress=False, log=lambda *_: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def serial_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sets") / "serial"
+    build(out)
+    return out
+
+
+def read_all(root, batch_size=16, workers=2):
+    batches = list(loader(eval_pipeline(ShardSet.open(str(root)), batch_size), num_workers=workers))
+    return batches
+
+
+def test_round_trip_every_sample_once_with_label_id_and_heatmap(serial_set):
+    manifest = verify(str(serial_set))
+    assert manifest["num_samples"] == N and manifest["num_shards"] == N // SHARD
+    assert sum(manifest["class_counts"].values()) == N and manifest["skipped"] == {}
+    batches = read_all(serial_set)
+    ids = torch.cat([b["id"] for b in batches])
+    assert len(ids) == N and len(set(ids.tolist())) == N
+    faces = SyntheticFaces(-(-N // 14), 14, size=112, seed=0)
+    truth = {faces.sample_id(i): faces[i].label for i in range(N)}
+    labels = torch.cat([b["label"] for b in batches])
+    assert all(truth[i] == l for i, l in zip(ids.tolist(), labels.tolist()))
+    b = batches[0]
+    assert b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 112, 112)
+    assert b["heatmap"].dtype == torch.uint8 and b["heatmap"].shape[1:] == (68, 16, 16)
+    # each point's heatmap peaks in the cell of its (aligned) landmark
+    cell = b["heatmap"].flatten(2).argmax(-1)
+    lm = (b["landmarks"] * 16 / 112).floor()
+    assert ((cell % 16 - lm[..., 0]).abs() <= 1).all() and ((cell // 16 - lm[..., 1]).abs() <= 1).all()
+    desc = ShardSet.open(str(serial_set)).descriptor()
+    assert desc.dim == 32 and desc(b["heatmap"]).shape == (len(b["id"]), 32)
+
+
+def test_training_stream_is_endless_fixed_size_and_shuffled(serial_set):
+    it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=16, seed=1), num_workers=2))
+    batches = [next(it) for _ in range(12)]  # 192 samples from a 120-sample set: resampled
+    assert all(b["id"].shape == (16,) for b in batches)
+    assert len(set(torch.cat([b["id"] for b in batches]).tolist())) > 60
+
+
+def _shard_hashes(root):
+    return [s["sha256"] for s in verify(str(root))["shards"]]
+
+
+def test_parallel_and_ray_output_equal_serial_bytes(serial_set, tmp_path, ray_local):
+    build(tmp_path / "procs", workers=2)
+    build(tmp_path / "ray", ray_address="local")
+    assert _shard_hashes(tmp_path / "procs") == _shard_hashes(serial_set)
+    assert _shard_hashes(tmp_path / "ray") == _shard_hashes(serial_set)
+
+
+def test_sigkill_then_rerun_completes_without_gaps_or_duplicates(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hncl.cli", "make-shards", "--source", "synthetic", "--num-samples", "600",
+           "--shard-size", "20", "--out", str(out), "--descriptor-dim", "32", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / ".shard-000003.tar.json").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before the kill: nothing was tested"
+    done_before = len([n for n in os.listdir(out) if n.endswith(".tar.json")])
+    assert 4 <= done_before < 30
+    # a half-written temporary as a kill mid-shard would leave
+    (out / "shard-000029.tar.abc123.part").write_bytes(b"partial")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{done_before} already done" in rerun.stdout
+    assert re.search(r"[1-9]\d* stale temporary files removed", rerun.stdout)  # ours + the killed run's
+    manifest = verify(str(out))  # sha256, counts, no duplicate ids, no temporaries
+    assert manifest["num_samples"] == 600 and manifest["num_shards"] == 30
+    # identical to a run that was never interrupted
+    clean = tmp_path / "clean"
+    subprocess.run(cmd[:-3] + ["--out", str(clean), "--descriptor-dim", "32", "--quiet"], check=True,
+                   capture_output=True)
+    assert _shard_hashes(out) == _shard_hashes(clean)
+
+
+def _face_folder(root, n=12):
+    faces = SyntheticFaces(2, 7, size=112, seed=3)
+    for i in range(n):
+        f = faces[i]
+        path = root / ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger"][f.label] / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(f.image).save(path, quality=95)
+    return root
+
+
+def test_corrupt_input_image_is_skipped_and_counted_and_threshold_fails(tmp_path):
+    src = _face_folder(tmp_path / "faces")
+    (src / "happy" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    job = ShardJob(source="folder", input=str(src), out=str(tmp_path / "set"), extractor="dlib",
+                   extractor_options=(("detect", "never"),))
+    logs = []
+    manifest = make_shards(job, shard_size=5, max_skip_fraction=0.2, descriptor_dim=8, progress=False, log=logs.append)
+    assert manifest["num_samples"] == 12 and manifest["skipped"] == {"unreadable image": 1}
+    assert any("broken.jpg" in line for line in logs)  # the user learns where
+    job2 = ShardJob(**{**job.__dict__, "out": str(tmp_path / "strict")})
+    with pytest.raises(MakeShardsError, match="1 of 13 rows skipped.*unreadable image: 1"):
+        make_shards(job2, shard_size=5, max_skip_fraction=0.01, descriptor_dim=8, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "strict" / "manifest.json").exists()  # incomplete sets have no manifest
+
+
+def test_truncated_shard_is_skipped_and_counted_by_the_reader(serial_set, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(serial_set, broken)
+    shard = broken / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    batches = read_all(broken, workers=0)
+    n = sum(len(b["id"]) for b in batches)
+    skipped = {}
+    for b in batches:
+        for k, v in b["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert N - SHARD <= n < N  # the other shards and the intact part of the broken one
+    assert skipped.get("truncated or unreadable shard", 0) >= 1
+
+
+def test_write_and_stream_from_a_real_s3_endpoint(s3, serial_set):
+    fs, bucket = s3
+    url = f"s3://{bucket}/sets/synthetic"
+    build(url)
+    assert sorted(fs.ls(f"{bucket}/sets/synthetic", detail=False))[-1].endswith("shard-000003.tar")
+    assert _shard_hashes(url) == _shard_hashes(serial_set)  # same bytes as the local set
+    got = sorted(torch.cat([b["id"] for b in read_all(url)]).tolist())
+    assert got == sorted(torch.cat([b["id"] for b in read_all(serial_set)]).tolist())
+
+
+def test_mismatched_rerun_is_refused(serial_set, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(serial_set, out)
+    os.remove(out / "manifest.json")
+    with pytest.raises(MakeShardsError, match="different shard set"):
+        make_shards(synthetic_job(out), shard_size=SHARD + 1, progress=False, log=lambda *_: None)
