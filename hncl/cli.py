@@ -14,7 +14,6 @@ from hncl.config import ConfigError, load_config, to_yaml
 
 # subcommand -> (one-line help, tracker issue that builds it)
 _PENDING: Dict[str, tuple] = {
-    "pretrain": ("self-supervised HNCL pretraining (Ray Train, or --debug in one process)", 6),
     "finetune": ("linear probe / fine-tune a pretrained encoder on labelled FER shards", 7),
     "evaluate": ("accuracy, macro-F1, confusion matrix and kNN of a trained model", 7),
     "predict": ("predict expressions for an image or a folder of images", 7),
@@ -76,6 +75,19 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.train_shards:
+        raise ConfigError("config error: data.train_shards is not set (a shard set from hncl make-shards)")
+    from hncl.train.launch import pretrain_local, pretrain_ray
+
+    if args.debug:
+        pretrain_local(cfg)
+    else:
+        pretrain_ray(cfg, args.address)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hncl.demo import run_preview
 
@@ -130,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--preview", metavar="FILE", help="only write a PNG contact sheet of synthetic faces with landmarks")
     p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("pretrain", help="self-supervised HNCL pretraining on a shard set (Ray Train, or --debug)",
+                       description="Pretrain with Ray Train (one worker per rank, DDP or DeepSpeed, restarts "
+                       "from the last checkpoint on failure; rerunning the same run.name resumes). --debug runs "
+                       "the same loop in this process without Ray (also one rank per process under torchrun).")
+    _add_config_args(p)
+    p.add_argument("--debug", action="store_true", help="run in this process, no Ray")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("demo", help="end-to-end preview on synthetic faces: heatmaps, descriptor, HNCL training",
                        description="Synthetic faces -> aligned heatmaps -> descriptor -> HNCL training in one "

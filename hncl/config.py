@@ -66,6 +66,7 @@ class ModelConfig:
     proj_out: int = 256
     pred_hidden: int = 4096  # NNCLR predictor: 2 linear layers
     init_weights: Optional[str] = None  # torchvision-keyed ResNet state dict (.pth/.safetensors)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (DDP only)
 
 
 @dataclass
@@ -95,12 +96,15 @@ class DataConfig:
     loader_workers: int = 4
     shuffle_buffer: int = 2000
     steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
+    min_crop_scale: float = 0.6  # RandomResizedCrop lower bound: expressions must survive the crop
+    max_skip_fraction: float = 0.01  # fail when more of the streamed samples are corrupt
 
 
 @dataclass
 class OptimConfig:
     name: OptimizerName = OptimizerName.sgd
     lr: float = 0.3  # for a global batch of 256; scaled linearly with the global batch
+    scale_lr: bool = True  # lr * global_batch / 256
     weight_decay: float = 1e-6
     momentum: float = 0.9
     warmup_epochs: float = 10.0
@@ -115,7 +119,8 @@ class DistConfig:
     use_gpu: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
     precision: Dtype = Dtype.float32  # bfloat16/float16 = mixed precision on GPU
-    max_failures: int = 2
+    max_failures: int = 2  # Ray restarts the workers from the last checkpoint this often
+    cpus_per_worker: int = 1
 
 
 @dataclass
@@ -125,6 +130,10 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    reshard_queue: bool = False  # resuming on another world size: re-split the queue instead of failing
+    fail_at_step: Optional[int] = None  # fault injection for tests: rank `fail_rank` dies once at this step
+    fail_rank: int = 1
 
 
 @dataclass
@@ -234,6 +243,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage, "allowed values: 0, 1, 2")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, "must be >= 1")
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")
+    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
+    _check(0 < cfg.data.min_crop_scale <= 1, "data.min_crop_scale", cfg.data.min_crop_scale, "must be in (0, 1]")
+    _check(cfg.dist.strategy == Strategy.deepspeed or cfg.dist.zero_stage == 0, "dist.zero_stage",
+           cfg.dist.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -11,6 +11,7 @@ hncl.queue for why).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -22,8 +23,11 @@ from hncl.queue import ShardedNeighborQueue
 
 class HNCL:
     def __init__(self, model: torch.nn.Module, queue: Optional[ShardedNeighborQueue], loss: HNCLLoss,
-                 topk: int = 1, descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 topk: int = 1, descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
         self.model = model
+        # mixed precision for the network only: neighbour search and loss stay in float32
+        self.autocast = autocast or contextlib.nullcontext
         self.queue = queue
         self.loss = loss
         self.topk = topk
@@ -40,7 +44,9 @@ class HNCL:
     def training_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         """batch: x1, x2 (views [B,3,H,W]), id [B] int64, optional label [B] (-1 = none), and for
         heatmap neighbours desc [B,Dh] or heatmap. Returns (this rank's loss, global metrics)."""
-        z1, p1, z2, p2 = self.model(batch["x1"], batch["x2"])
+        with self.autocast():
+            outputs = self.model(batch["x1"], batch["x2"])
+        z1, p1, z2, p2 = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in outputs)
         ids = batch["id"]
         labels = batch.get("label")
         metrics: Dict[str, float] = {}
@@ -80,8 +86,10 @@ class HNCL:
 
 
 def build_hncl(cfg, model: torch.nn.Module, device: torch.device | str = "cpu",
-               descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> HNCL:
-    """HNCL from a validated config (hncl.config.Config). Call after the process group is up."""
+               descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+               key_dim: Optional[int] = None, autocast=None) -> HNCL:
+    """HNCL from a validated config (hncl.config.Config). Call after the process group is up.
+    `key_dim` (the shard set's descriptor size) overrides cfg.descriptor.dim."""
     me = cfg.method
     nn_space = str(getattr(me.nn_space, "value", me.nn_space))
     loss = HNCLLoss(me.temperature, me.view_weight, me.nn_weight if nn_space != "none" else 0.0)
@@ -89,6 +97,6 @@ def build_hncl(cfg, model: torch.nn.Module, device: torch.device | str = "cpu",
     if nn_space != "none" and me.nn_weight > 0:
         dtype = getattr(torch, str(getattr(me.queue_dtype, "value", me.queue_dtype)))
         queue = ShardedNeighborQueue(me.queue_size, cfg.model.proj_out,
-                                     cfg.descriptor.dim if nn_space == "heatmap" else None,
+                                     (key_dim or cfg.descriptor.dim) if nn_space == "heatmap" else None,
                                      nn_space=nn_space, dtype=dtype, device=device)
-    return HNCL(model, queue, loss, topk=me.topk, descriptor=descriptor)
+    return HNCL(model, queue, loss, topk=me.topk, descriptor=descriptor, autocast=autocast)

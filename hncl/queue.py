@@ -238,6 +238,10 @@ class ShardedNeighborQueue:
                 "values": self.values.cpu().clone(), "ids": self.ids.cpu().clone(),
                 "labels": self.labels.cpu().clone()}
 
+    def digest(self) -> str:
+        """sha256 of this slice's contents: equal digests = identical slices (for resume checks)."""
+        return state_digest(self.state_dict())
+
     def load_state_dict(self, state: Dict[str, object]) -> None:
         for name, mine in (("capacity", self.capacity), ("world_size", self.world_size),
                            ("nn_space", self.nn_space)):
@@ -259,6 +263,17 @@ class ShardedNeighborQueue:
         self.ids.copy_(state["ids"])  # type: ignore[arg-type]
         self.labels.copy_(state["labels"])  # type: ignore[arg-type]
         self.ptr = int(state["ptr"])  # type: ignore[arg-type]
+
+
+def state_digest(state: Dict[str, object]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{state['capacity']}/{state['world_size']}/{state['rank']}/{state['ptr']}".encode())
+    for name in ("keys", "values", "ids", "labels"):
+        t = state[name]
+        if t is not None:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())  # type: ignore[union-attr]
+    return h.hexdigest()
 
 
 def reshard_states(states: Sequence[Dict[str, object]], world_size: int,

@@ -5,7 +5,8 @@
 - ``run_distributed(fn, world_size, *args)``: runs ``fn(*args)`` in W real processes joined in a
   gloo process group (torch.multiprocessing spawn, free port) and returns their results in rank
   order. ``fn`` must be importable (a module-level function in a test module).
-- ``ray_local``: one local Ray instance (``ray.init(num_cpus=2)``) for the whole session.
+- ``ray_local``: one real local Ray cluster (``ray start --head`` + ``ray.init(address=...)``)
+  for the whole session, stopped at the end.
 """
 
 from __future__ import annotations
@@ -87,16 +88,33 @@ def s3(s3_endpoint):
     fs.rm(bucket, recursive=True)
 
 
-# --- Ray ------------------------------------------------------------------------------------
+# --- Ray ---------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """A real local Ray cluster: `ray start --head` on 127.0.0.1 (2 CPUs, dashboard for job
+    submission), this process connected with ray.init(address=...); `ray stop` at the end.
+    Yields (ray module, dashboard URL, gcs address)."""
+    import subprocess
+    import sys
+
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Workers must import the test modules that define their training loops.
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1",
+               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),  # `python` in jobs = this venv
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))  # workers import test modules
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    port, dash = free_port(), free_port()
+    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                    f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        yield ray, f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+    finally:
+        ray.shutdown()
+        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import fsspec
 import numpy as np
@@ -92,7 +92,10 @@ def decode_sample(sample: dict) -> dict:
 
 def _collate(counter: SkipCounter):
     def collate(samples: List[dict]) -> dict:
-        return {"image": torch.stack([s["image"] for s in samples]),
+        out = {k: torch.stack([s[k] for s in samples]) for k in ("x1", "x2") if k in samples[0]}
+        if "image" in samples[0]:
+            out["image"] = torch.stack([s["image"] for s in samples])
+        return {**out,
                 "heatmap": torch.stack([s["heatmap"] for s in samples]),
                 "landmarks": torch.stack([s["landmarks"] for s in samples]),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
@@ -129,17 +132,34 @@ class ShardSet:
         return HeatmapDescriptor.load(io.BytesIO(storage.read_bytes(storage.join(self.root, "descriptor.npz"))))
 
 
+class _TwoViewStage:
+    """Replace each sample's image by two augmented views (runs in the loader workers)."""
+
+    def __init__(self, views: Callable[[torch.Tensor], torch.Tensor]):
+        self.views = views
+
+    def __call__(self, sample: dict) -> dict:
+        image = sample.pop("image")
+        sample["x1"], sample["x2"] = self.views(image), self.views(image)
+        return sample
+
+
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
-                   counter: Optional[SkipCounter] = None) -> wds.DataPipeline:
-    """Endless, resampled, shuffled batches (see module docstring)."""
+                   counter: Optional[SkipCounter] = None,
+                   view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> wds.DataPipeline:
+    """Endless, resampled, shuffled batches (see module docstring). With `view_transform`, each
+    sample carries two augmented views x1, x2 (made in the loader workers) instead of its image."""
     counter = counter or SkipCounter()
-    return wds.DataPipeline(
+    stages = [
         wds.ResampledShards(shards.urls, seed=seed),
         wds.tarfile_to_samples(handler=counter.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), handler=counter.handler),
         wds.map(decode_sample, handler=counter.handler),
-        wds.batched(batch_size, collation_fn=_collate(counter), partial=False),
-    )
+    ]
+    if view_transform is not None:
+        stages.append(wds.map(_TwoViewStage(view_transform), handler=counter.handler))
+    stages.append(wds.batched(batch_size, collation_fn=_collate(counter), partial=False))
+    return wds.DataPipeline(*stages)
 
 
 def eval_pipeline(shards: ShardSet, batch_size: int, counter: Optional[SkipCounter] = None) -> wds.DataPipeline:

@@ -1,0 +1,84 @@
+"""Start pretraining: in this process (debug mode, or one torchrun rank) or on a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from hncl.train.loop import init_local_process_group, run_dir_of, train_loop_per_worker
+
+
+def _container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def pretrain_local(cfg) -> dict:
+    """Debug mode: the same loop in this process, no Ray (breakpoints work). Under torchrun,
+    each process is one rank of a gloo/nccl group."""
+    if cfg.dist.strategy.value == "deepspeed" and "RANK" not in os.environ:
+        # DeepSpeed looks for MPI unless the torch.distributed variables are set
+        from hncl.dist import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if cfg.dist.strategy.value == "deepspeed":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.dist.use_gpu else "gloo")
+    else:
+        init_local_process_group()
+    return train_loop_per_worker({"cfg": _container(cfg), "session": "local"})
+
+
+def _storage(output_dir: str):
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig."""
+    if not output_dir.startswith("s3://"):
+        return os.path.abspath(output_dir), None
+    import pyarrow.fs
+    import s3fs
+
+    # Ray's controller actor unpickles this filesystem in another process, whose environment may
+    # lack the AWS variables: carry what this process was configured with explicitly.
+    options = {k: os.environ[v] for k, v in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                                             ("endpoint_url", "AWS_ENDPOINT_URL_S3")) if v in os.environ}
+    fs = s3fs.S3FileSystem(**options)
+    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
+    """Ray Train: TorchTrainer with one worker per rank, restarts from the last checkpoint on
+    failure (dist.max_failures); rerunning with the same run.name resumes."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    storage_path, filesystem = _storage(cfg.run.output_dir)
+    use_gpu = bool(cfg.dist.use_gpu)
+    env = {"OMP_NUM_THREADS": str(cfg.dist.cpus_per_worker)}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": _container(cfg), "session": "ray"},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.dist.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    print(f"[hncl] Ray Train: {cfg.dist.num_workers} workers; run directory {run_dir_of(cfg)}", flush=True)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result.return_value or {}

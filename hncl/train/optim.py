@@ -1,0 +1,45 @@
+"""Optimisers (SGD, AdamW, LARS from timm) and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """No weight decay on biases and norm layers, as in SimCLR/BYOL/NNCLR (timm's LARS then also
+    skips its trust-ratio adaptation for them: it adapts only where weight_decay != 0)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
+    name = str(getattr(optim_cfg.name, "value", optim_cfg.name))
+    lr = optim_cfg.lr * (global_batch / 256 if optim_cfg.scale_lr else 1.0)
+    groups = param_groups(model, optim_cfg.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=optim_cfg.momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ~0 to the base lr, then cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

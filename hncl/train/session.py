@@ -1,0 +1,125 @@
+"""Where a worker's checkpoints go and come from: Ray Train, or a plain run directory.
+
+Every rank writes its own files (rank-suffixed where all ranks write: Ray Train keeps one file
+per name when it merges the workers' checkpoint folders) into a local folder and commits it:
+- RaySession: `ray.train.report(checkpoint=...)`; Ray uploads and merges them, keeps the newest
+  `keep` and hands the latest back after a worker failure or a rerun with the same run name.
+- LocalSession (debug mode, torchrun): run_dir/checkpoint_NNNNNNNN/, local or S3; a checkpoint
+  counts only once rank 0 has written its `_COMPLETE` marker after every rank finished.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable, Dict, Optional
+
+import torch.distributed as dist
+
+from hncl import dist as hdist
+from hncl import storage
+
+COMPLETE = "_COMPLETE"
+_CKPT = re.compile(r"^checkpoint_(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+class Session(abc.ABC):
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir.rstrip("/")
+        self.rank, self.world_size = hdist.rank(), hdist.world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    @abc.abstractmethod
+    def restore_dir(self) -> Optional[str]:
+        """A local folder holding every rank's files of the latest checkpoint, or None."""
+
+    @abc.abstractmethod
+    def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
+        """Collective: every rank writes its files with write(folder), then they are committed."""
+
+    def report_metrics(self, metrics: Dict[str, float]) -> None:
+        """Collective: metrics for the cluster's view of the run (Ray Train); files are rank 0's job."""
+
+    def barrier(self) -> None:
+        if hdist.is_distributed():
+            dist.barrier()
+
+
+class RaySession(Session):
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir)
+        import ray.train
+
+        self._train = ray.train
+
+    def restore_dir(self) -> Optional[str]:
+        ckpt = self._train.get_checkpoint()
+        return None if ckpt is None else ckpt.to_directory()
+
+    def report_metrics(self, metrics: Dict[str, float]) -> None:
+        self._train.report(metrics)
+
+    def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
+        folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
+        write(folder)
+        self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder),
+                           checkpoint_dir_name=checkpoint_name(step), delete_local_checkpoint_after_upload=True)
+
+
+class LocalSession(Session):
+    def __init__(self, run_dir: str, keep: int = 2):
+        super().__init__(run_dir)
+        self.keep = keep
+        self._downloaded: Optional[str] = None
+
+    def _complete(self):
+        names = storage.listdir(self.run_dir)
+        steps = []
+        for n in names:
+            m = _CKPT.match(n)
+            if m and COMPLETE in storage.listdir(storage.join(self.run_dir, n)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def restore_dir(self) -> Optional[str]:
+        steps = self._complete()
+        if not steps:
+            return None
+        url = storage.join(self.run_dir, checkpoint_name(steps[-1]))
+        if not storage.is_remote(url):
+            return url
+        local = tempfile.mkdtemp(prefix="hncl-restore-")
+        fs, path = storage.filesystem(url)
+        fs.get(path + "/", local + "/", recursive=True)
+        return local
+
+    def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
+        url = storage.join(self.run_dir, checkpoint_name(step))
+        folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
+        try:
+            write(folder)
+            for name in sorted(os.listdir(folder)):
+                src = os.path.join(folder, name)
+                if os.path.isdir(src):  # DeepSpeed writes a sub-folder per tag
+                    for root, _, files in os.walk(src):
+                        for f in files:
+                            rel = os.path.relpath(os.path.join(root, f), folder)
+                            storage.put_file(os.path.join(root, f), storage.join(url, rel))
+                else:
+                    storage.put_file(src, storage.join(url, name))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.barrier()  # every rank's files are in place
+        if self.rank == 0:
+            storage.write_bytes(storage.join(url, COMPLETE), b"")
+            for old in self._complete()[:-self.keep]:
+                fs, path = storage.filesystem(storage.join(self.run_dir, checkpoint_name(old)))
+                fs.rm(path, recursive=True)
+        self.barrier()

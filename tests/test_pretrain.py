@@ -1,0 +1,194 @@
+"""Pretraining end to end: debug mode, Ray Train with DDP and DeepSpeed, a killed worker, S3,
+`ray job submit`, NaN handling and resuming on another world size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hncl.config import load_config
+from hncl.data.make_shards import ShardJob, make_shards
+from hncl.model import ResNetEncoder, load_encoder_weights
+from hncl.queue import state_digest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "synthetic"
+    job = ShardJob(source="synthetic", out=str(out), source_options=(("num_samples", 240), ("seed", 0), ("size", 112)))
+    make_shards(job, shard_size=30, descriptor_dim=32, progress=False, log=lambda *_: None)
+    return str(out)
+
+
+def overrides(shards, out, name, steps=8, **extra):
+    o = {"data.train_shards": shards, "run.output_dir": str(out), "run.name": name, "optim.epochs": 1,
+         "data.steps_per_epoch": steps, "data.batch_size": 16, "data.loader_workers": 1, "run.log_every": 2,
+         "run.checkpoint_every": 4, "run.keep_checkpoints": 10, "method.queue_size": 256, **extra}
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def queue_digests(checkpoint, world):
+    return [state_digest(torch.load(os.path.join(checkpoint, f"queue_rank{r}.pt"), weights_only=True))
+            for r in range(world)]
+
+
+def check_encoder(run_dir):
+    enc = ResNetEncoder("resnet18", width=16, stem="small")
+    load_encoder_weights(enc, os.path.join(run_dir, "encoder.safetensors"))
+    assert json.load(open(os.path.join(run_dir, "encoder.json")))["out_dim"] == enc.out_dim
+
+
+def test_debug_mode_runs_in_process_without_ray_and_resumes(shard_set, tmp_path):
+    args = overrides(shard_set, tmp_path, "debug")
+    code = ("import sys; from hncl.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'debug mode imported Ray'; sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, "pretrain", "--config", "configs/debug.yaml", "--debug", *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = str(tmp_path / "debug")
+    assert f"run directory: {run_dir}" in run.stdout
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 4, 6, 8]
+    assert load_config(os.path.join(run_dir, "config.yaml")).data.train_shards == shard_set
+    for step in (4, 8):
+        names = os.listdir(os.path.join(run_dir, f"checkpoint_{step:08d}"))
+        assert {"queue_rank0.pt", "model.safetensors", "optimizer.pt", "train_state.json", "_COMPLETE"} <= set(names)
+    check_encoder(run_dir)
+    # the same command with a longer schedule resumes from step 8 with the queue restored exactly
+    more = [a for a in args if not a.startswith("optim.epochs")] + ["optim.epochs=2"]
+    run = subprocess.run([sys.executable, "-m", "hncl.cli", "pretrain", "--config", "configs/debug.yaml", "--debug",
+                          *more], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed at step 8" in run.stdout
+    (resume,) = [json.loads(l) for l in open(os.path.join(run_dir, "resumes.jsonl"))]
+    assert resume["step"] == 8
+    assert resume["queue_digests"] == queue_digests(os.path.join(run_dir, "checkpoint_00000008"), 1)
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(2, 17, 2))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_path, monkeypatch):
+    from hncl.method import HNCL
+    from hncl.train.launch import pretrain_local
+    from hncl.train.loop import NonFiniteLossError
+
+    real = HNCL.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        loss, metrics = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return loss * float("nan"), {**metrics, "loss": float("nan")}
+        return loss, metrics
+
+    monkeypatch.setattr(HNCL, "training_step", poisoned)
+    cfg = load_config("configs/debug.yaml", overrides(shard_set, tmp_path, "nan", **{"run.checkpoint_every": 2,
+                                                                                     "data.loader_workers": 0}))
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*last good checkpoint"):
+        pretrain_local(cfg)
+    good = tmp_path / "nan" / "checkpoint_00000002"
+    assert (good / "_COMPLETE").exists() and not (tmp_path / "nan" / "checkpoint_00000003").exists()
+    state = json.loads((good / "train_state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_ray_ddp_two_workers_survive_a_killed_worker(shard_set, tmp_path, ray_local):
+    from hncl.train.launch import pretrain_ray
+
+    cfg = load_config("configs/debug.yaml", overrides(shard_set, tmp_path, "ddp", steps=16, **{
+        "dist.num_workers": 2, "dist.max_failures": 1, "run.fail_at_step": 11, "run.fail_rank": 1}))
+    pretrain_ray(cfg)
+    run_dir = str(tmp_path / "ddp")
+    assert (tmp_path / "ddp" / ".fault_injected").exists()  # rank 1 really died at step 11
+    (resume,) = [json.loads(l) for l in open(os.path.join(run_dir, "resumes.jsonl"))]
+    # Ray restarts from the newest checkpoint its controller had registered (it polls reports)
+    assert resume["step"] in (4, 8) and resume["world_size"] == 2
+    # both ranks' queue slices came back exactly as checkpointed
+    assert resume["queue_digests"] == queue_digests(os.path.join(run_dir, f"checkpoint_{resume['step']:08d}"), 2)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(2, 17, 2))  # no duplicates from the lost steps
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    for step in (4, 8, 12, 16):
+        names = set(os.listdir(os.path.join(run_dir, f"checkpoint_{step:08d}")))
+        assert {"queue_rank0.pt", "queue_rank1.pt", "model.safetensors", "optimizer.pt"} <= names
+    assert os.path.exists(os.path.join(run_dir, "config.yaml")) and os.path.exists(os.path.join(run_dir, "metrics.csv"))
+    check_encoder(run_dir)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ray_deepspeed_zero(shard_set, tmp_path, ray_local, stage, request):
+    """ZeRO-1 on local storage; ZeRO-2 streams its shards from S3 and checkpoints to S3."""
+    from hncl.train.launch import pretrain_ray
+
+    if stage == 2:
+        fs, bucket = request.getfixturevalue("s3")
+        fs.put(shard_set, f"{bucket}/shards/", recursive=True)
+        shards, out = f"s3://{bucket}/shards/synthetic", f"s3://{bucket}/runs"
+    else:
+        shards, out = shard_set, str(tmp_path)
+    cfg = load_config("configs/debug.yaml", overrides(shards, out, f"zero{stage}", **{
+        "dist.num_workers": 2, "dist.strategy": "deepspeed", "dist.zero_stage": stage, "optim.name": "adamw",
+        "optim.lr": 0.001}))
+    pretrain_ray(cfg)
+    if stage == 2:
+        local = tmp_path / "from_s3"
+        fs.get(f"{bucket}/runs/zero2", str(local), recursive=True)
+        run_dir = str(local)
+    else:
+        run_dir = str(tmp_path / "zero1")
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8] and all(m["loss"] == m["loss"] for m in metrics)
+    ckpt = os.path.join(run_dir, "checkpoint_00000008")
+    files = {os.path.relpath(os.path.join(r, f), ckpt) for r, _, fs_ in os.walk(ckpt) for f in fs_}
+    assert {"queue_rank0.pt", "queue_rank1.pt", "train_state.json"} <= files
+    assert any(f.startswith("deepspeed/") and "optim_states" in f for f in files)  # ZeRO partitions per rank
+    check_encoder(run_dir)
+
+
+def test_ray_job_submit_runs_cluster_train_py(shard_set, tmp_path, ray_local):
+    _, dashboard, _ = ray_local
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    args = overrides(shard_set, tmp_path, "job", steps=4, **{"dist.num_workers": 1})
+    job = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
+                          dashboard, "--working-dir", REPO, "--", "python", "cluster/train.py", "--config",
+                          "configs/debug.yaml", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in job.stdout.lower()
+    assert "[hncl] step 4" in job.stdout + job.stderr  # the job's logs show training
+    assert [m["step"] for m in read_metrics(str(tmp_path / "job"))] == [2, 4]
+
+
+def _resume_on_two_ranks(cfg_dict):
+    from hncl.train.loop import train_loop_per_worker
+
+    try:
+        train_loop_per_worker({"cfg": cfg_dict, "session": "local"})
+        return "ok"
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_resuming_on_another_world_size_is_refused_or_resharded(shard_set, tmp_path, run_distributed):
+    from omegaconf import OmegaConf
+
+    from hncl.train.launch import pretrain_local
+
+    base = overrides(shard_set, tmp_path, "resize", steps=4, **{"data.loader_workers": 0})
+    pretrain_local(load_config("configs/debug.yaml", base))  # one rank, finishes at step 4
+    longer = [a for a in base if not a.startswith("optim.epochs")] + ["optim.epochs=2", "dist.num_workers=2"]
+    cfg = OmegaConf.to_container(load_config("configs/debug.yaml", longer), enum_to_str=True)
+    msgs = run_distributed(_resume_on_two_ranks, 2, cfg)
+    assert all("split over 1 ranks but this run has 2" in m and "run.reshard_queue=true" in m for m in msgs)
+    cfg["run"]["reshard_queue"] = True
+    assert run_distributed(_resume_on_two_ranks, 2, cfg) == ["ok", "ok"]
+    resume = [json.loads(l) for l in open(tmp_path / "resize" / "resumes.jsonl")][-1]
+    assert resume["saved_world_size"] == 1 and resume["world_size"] == 2 and resume["step"] == 4
