@@ -1,24 +1,12 @@
-"""The `hncl` command: one entry point, one subcommand per job.
-
-Subcommands whose feature has not landed yet say so and exit with status 2, so scripts never
-mistake them for success.
-"""
+"""The `hncl` command: one entry point, one subcommand per job."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 from hncl.config import ConfigError, load_config, to_yaml
-
-# subcommand -> (one-line help, tracker issue that builds it)
-_PENDING: Dict[str, tuple] = {
-    "finetune": ("linear probe / fine-tune a pretrained encoder on labelled FER shards", 7),
-    "evaluate": ("accuracy, macro-F1, confusion matrix and kNN of a trained model", 7),
-    "predict": ("predict expressions for an image or a folder of images", 7),
-    "export": ("export a classifier to TorchScript / ONNX / safetensors", 7),
-}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -88,18 +76,56 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from hncl.finetune import finetune_loop
+
+    cfg = load_config(args.config, args.overrides)
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "session": "local"}
+    if args.debug:
+        finetune_loop(config)
+    else:
+        from hncl.train.launch import run_on_ray
+
+        run_on_ray(cfg, finetune_loop, args.address)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from hncl.finetune import evaluate
+
+    evaluate(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from hncl.predict import format_table, predict, write_rows
+
+    rows, problems = predict(args.checkpoint, args.target, align=args.align)
+    print(format_table(rows))
+    for p in problems:
+        print(f"skipped {p}", file=sys.stderr)
+    if args.out:
+        write_rows(rows, args.out)
+        print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0 if rows or not problems else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hncl.export import export
+
+    report = export(args.checkpoint, args.out)
+    print(f"TorchScript {report['torchscript']} (max |diff| {report['torchscript_max_abs_diff']:.2e}), "
+          f"ONNX {report['onnx']} (max |diff| {report['onnx_max_abs_diff']:.2e}) vs PyTorch")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hncl.demo import run_preview
 
     run_preview(args.out, seed=args.seed, steps=args.steps, quick=args.quick)
     return 0
-
-
-def _pending(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"hncl {name}: not built yet (tracked as issue #{issue}); nothing was run.", file=sys.stderr)
-        return 2
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_pretrain)
 
+    p = sub.add_parser("finetune", help="linear probe or fine-tune an encoder on labelled FER shards",
+                       description="finetune.protocol=linear (frozen encoder) or finetune (end to end) from "
+                       "finetune.init (encoder.safetensors, a torchvision ResNet state dict, or none); writes "
+                       "metrics.json, confusion_matrix.png, curves.png and classifier.safetensors to the run directory.")
+    _add_config_args(p)
+    p.add_argument("--debug", action="store_true", help="run in this process, no Ray")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix, kNN and neighbour diagnostics",
+                       description="Evaluate finetune.checkpoint (classifier.safetensors) on finetune.test_shards, "
+                       "with kNN against finetune.train_shards; writes metrics.json and PNGs to the run directory.")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict expressions for an image or a folder of images",
+                       description="Per image: the predicted expression and class probabilities. Unreadable "
+                       "files are reported and skipped.")
+    p.add_argument("target", metavar="IMAGE_OR_DIR")
+    p.add_argument("--checkpoint", required=True, help="classifier.safetensors (or its folder)")
+    p.add_argument("--align", default="none", choices=["none", "dlib"],
+                   help="none: centre square crop + resize; dlib: align on eyes and nose like make_shards")
+    p.add_argument("--out", help="write predictions as .json or .csv")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a classifier to TorchScript / ONNX / safetensors",
+                       description="Write TorchScript and ONNX models and check both against PyTorch.")
+    p.add_argument("--checkpoint", required=True, help="classifier.safetensors (or its folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("demo", help="end-to-end preview on synthetic faces: heatmaps, descriptor, HNCL training",
                        description="Synthetic faces -> aligned heatmaps -> descriptor -> HNCL training in one "
                        "process; prints neighbour purity and loss, writes a report to --out. The full demo "
@@ -162,12 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller data and at most 20 steps")
     p.set_defaults(func=_cmd_demo)
 
-    for name, (text, issue) in _PENDING.items():
-        p = sub.add_parser(name, help=f"{text} [not built yet]",
-                           description=f"{text}. Not built yet: tracked as issue #{issue}.")
-        if name in ("pretrain", "finetune", "evaluate"):
-            _add_config_args(p)
-        p.set_defaults(func=_pending(name, issue))
     return parser
 
 

@@ -136,6 +136,36 @@ class RunConfig:
     fail_rank: int = 1
 
 
+class Protocol(str, enum.Enum):
+    linear = "linear"  # frozen encoder, linear head (linear probe)
+    finetune = "finetune"  # encoder + linear head, encoder at a lower learning rate
+
+
+class KnnIndex(str, enum.Enum):
+    flat = "flat"  # exact inner-product search
+    ivf = "ivf"  # inverted lists: approximate, for millions of samples
+
+
+@dataclass
+class FinetuneConfig:
+    train_shards: Optional[str] = None  # labelled shard set
+    test_shards: Optional[str] = None
+    init: Optional[str] = None  # encoder.safetensors of a pretraining run, a torchvision ResNet state dict, or none
+    protocol: Protocol = Protocol.linear
+    num_classes: int = 7
+    epochs: int = 30
+    batch_size: int = 128  # per rank
+    lr: float = 0.1  # head lr for a global batch of 256 (scaled linearly)
+    encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr * this
+    weight_decay: float = 1e-4
+    class_balanced: bool = False  # inverse-frequency class weights (FER sets are imbalanced)
+    label_smoothing: float = 0.0
+    knn_k: int = 20
+    knn_temperature: float = 0.07  # neighbour vote weight exp(cos / T)
+    knn_index: KnnIndex = KnnIndex.flat
+    checkpoint: Optional[str] = None  # evaluate: classifier.safetensors to evaluate
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +175,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _node_class(path: str) -> Any:
@@ -245,6 +276,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
     _check(0 < cfg.data.min_crop_scale <= 1, "data.min_crop_scale", cfg.data.min_crop_scale, "must be in (0, 1]")
+    ft = cfg.finetune
+    _check(ft.num_classes in (7, 8), "finetune.num_classes", ft.num_classes, "allowed values: 7, 8")
+    _check(ft.epochs >= 1, "finetune.epochs", ft.epochs, "must be >= 1")
+    _check(ft.knn_k >= 1, "finetune.knn_k", ft.knn_k, "must be >= 1")
+    _check(ft.lr > 0, "finetune.lr", ft.lr, "must be > 0")
     _check(cfg.dist.strategy == Strategy.deepspeed or cfg.dist.zero_stage == 0, "dist.zero_stage",
            cfg.dist.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
 

@@ -88,19 +88,10 @@ def test_console_script_help_for_every_subcommand():
         assert sub.returncode == 0 and f"hncl {name}" in sub.stdout, name
 
 
-def test_unbuilt_subcommands_say_so_and_fail(capsys):
-    from hncl.cli import _PENDING
-
-    for name, (_, issue) in _PENDING.items():
-        assert main([name]) == 2, name
-        err = capsys.readouterr().err
-        assert "not built yet" in err and f"#{issue}" in err
-
-
 def test_make_shards_preview_writes_a_contact_sheet(tmp_path):
     from PIL import Image
 
     out = tmp_path / "preview.png"
     assert main(["make-shards", "--source", "synthetic", "--num-samples", "10", "--preview", str(out)]) == 0
     assert Image.open(out).size == (8 * 112, 2 * (112 + 14))
-    assert main(["make-shards", "--source", "synthetic"]) == 2  # writing shards: not built yet
+    assert main(["make-shards", "--source", "synthetic"]) == 2  # no --out: refused with a message

@@ -132,23 +132,25 @@ class ShardSet:
         return HeatmapDescriptor.load(io.BytesIO(storage.read_bytes(storage.join(self.root, "descriptor.npz"))))
 
 
-class _TwoViewStage:
-    """Replace each sample's image by two augmented views (runs in the loader workers)."""
+class _ViewStage:
+    """Replace each sample's image by `n` augmented views x1[, x2] (runs in the loader workers)."""
 
-    def __init__(self, views: Callable[[torch.Tensor], torch.Tensor]):
-        self.views = views
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], n: int = 2):
+        self.transform, self.n = transform, n
 
     def __call__(self, sample: dict) -> dict:
         image = sample.pop("image")
-        sample["x1"], sample["x2"] = self.views(image), self.views(image)
+        for i in range(1, self.n + 1):
+            sample[f"x{i}"] = self.transform(image)
         return sample
 
 
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                    counter: Optional[SkipCounter] = None,
-                   view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> wds.DataPipeline:
+                   view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   views: int = 2) -> wds.DataPipeline:
     """Endless, resampled, shuffled batches (see module docstring). With `view_transform`, each
-    sample carries two augmented views x1, x2 (made in the loader workers) instead of its image."""
+    sample carries `views` augmented views x1, x2 (made in the loader workers) instead of its image."""
     counter = counter or SkipCounter()
     stages = [
         wds.ResampledShards(shards.urls, seed=seed),
@@ -157,7 +159,7 @@ def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buf
         wds.map(decode_sample, handler=counter.handler),
     ]
     if view_transform is not None:
-        stages.append(wds.map(_TwoViewStage(view_transform), handler=counter.handler))
+        stages.append(wds.map(_ViewStage(view_transform, views), handler=counter.handler))
     stages.append(wds.batched(batch_size, collation_fn=_collate(counter), partial=False))
     return wds.DataPipeline(*stages)
 

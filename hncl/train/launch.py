@@ -51,6 +51,11 @@ def _storage(output_dir: str):
 def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
     """Ray Train: TorchTrainer with one worker per rank, restarts from the last checkpoint on
     failure (dist.max_failures); rerunning with the same run.name resumes."""
+    return run_on_ray(cfg, train_loop_per_worker, address)
+
+
+def run_on_ray(cfg, loop, address: Optional[str] = None) -> dict:
+    """Run `loop({"cfg", "session": "ray"})` on dist.num_workers Ray Train workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -66,7 +71,7 @@ def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
         if k in os.environ:
             env[k] = os.environ[k]
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"cfg": _container(cfg), "session": "ray"},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,

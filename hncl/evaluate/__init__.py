@@ -1,0 +1,1 @@
+"""Evaluation of FER models: metrics, kNN on frozen features, neighbour diagnostics, plots."""
