@@ -1,109 +1,175 @@
-"""`hncl demo` (preview): the end-to-end path that exists today, on synthetic faces, in one process.
+"""`hncl demo`: HNCL against the two-view baseline and NNCLR on synthetic faces, end to end.
 
-synthetic faces -> alignment -> landmark heatmaps -> descriptor (PCA) -> HNCL training steps
-(model + heatmap-neighbour queue + loss) -> report. It shows the two numbers HNCL rests on:
-how often heatmap neighbours share the expression (held-out identities) and how pure the
-positives the queue hands to the loss are while training. The full demo (Ray, shards, two
-baselines, linear probe and kNN) replaces this with the demo issue (#8).
+1. synthetic faces, disjoint train/test identities -> shard sets with aligned heatmaps
+2. pretrain three times with the same budget (model, data, steps, batch, lr, temperature, queue):
+   hncl (heatmap neighbours), baseline (two views only), nnclr (embedding neighbours, exactly
+   NNCLR: neighbour term only)
+3. linear probe and kNN of each frozen encoder on expression (held-out identities)
+4. report.json, report.md and PNGs (loss curves, confusion matrices, heatmap-neighbour grid)
+
+Default: Ray with 2 workers; --debug: one process, no Ray; --quick: a smaller, shorter run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from typing import Dict, Optional
 
 import numpy as np
-import torch
 
-from hncl.data.augment import TwoViews
-from hncl.data.synthetic import EXPRESSIONS, SyntheticFaces, contact_sheet
-from hncl.heatmaps.align import align_faces
-from hncl.heatmaps.descriptor import HeatmapDescriptor
-from hncl.heatmaps.extractors import LandmarkHeatmaps
-from hncl.heatmaps.render import pool_heatmaps
-from hncl.loss import HNCLLoss
-from hncl.method import HNCL
-from hncl.model import HNCLModel
-from hncl.queue import ShardedNeighborQueue
+from hncl.config import load_config
 
-
-def _faces(split: str, ids: int, per_id: int, seed: int, size: int = 112):
-    ds = SyntheticFaces(ids, per_id, size=size, seed=seed, split=split)
-    faces = list(ds)
-    imgs, pts = np.stack([f.image for f in faces]), np.stack([f.landmarks for f in faces])
-    aligned, apts, _ = align_faces(imgs, pts, size)
-    pooled = pool_heatmaps(LandmarkHeatmaps().extract(aligned, apts).heatmaps, 16)
-    labels = torch.tensor([f.label for f in faces])
-    sample_ids = torch.tensor([ds.sample_id(i) for i in range(len(ds))])
-    return faces, aligned, apts, pooled, labels, sample_ids
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+METHODS = {
+    "hncl": {"method.nn_space": "heatmap", "method.view_weight": 1.0, "method.nn_weight": 1.0},
+    "baseline": {"method.nn_space": "none", "method.view_weight": 1.0, "method.nn_weight": 0.0},
+    "nnclr": {"method.nn_space": "embedding", "method.view_weight": 0.0, "method.nn_weight": 1.0},
+}
+SIZES = {  # (train identities, test identities, faces per identity, pretraining steps)
+    "default": (200, 60, 14, 150),
+    "quick": (40, 20, 14, 25),
+}
 
 
-def _purity(features: torch.Tensor, labels: torch.Tensor) -> float:
-    x = torch.nn.functional.normalize(features.float().flatten(1), dim=1)
-    sim = x @ x.T
-    sim.fill_diagonal_(float("-inf"))
-    return float((labels[sim.argmax(1)] == labels).float().mean())
+def _shards(out: str, split: str, ids: int, per_id: int, seed: int, log) -> str:
+    from hncl.data.make_shards import ShardJob, make_shards
+
+    path = os.path.join(out, "shards", split)
+    job = ShardJob(source="synthetic", out=path, split=split,
+                   source_options=(("num_samples", ids * per_id), ("seed", seed), ("size", 112)))
+    make_shards(job, shard_size=max(50, ids * per_id // 8), descriptor_dim=64, seed=seed, progress=False,
+                log=lambda m: log(f"      {m}"))
+    return path
 
 
-def run_preview(out_dir: str, seed: int = 0, steps: int = 60, quick: bool = False, log=print) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(seed)
-    t0 = time.time()
-    n_train, n_test, per_id = (24, 10, 14) if quick else (60, 20, 14)
-    steps = min(steps, 20) if quick else steps
-    faces, tr_img, tr_pts, tr_pooled, tr_labels, tr_ids = _faces("train", n_train, per_id, seed)
-    _, te_img, _, te_pooled, te_labels, _ = _faces("test", n_test, per_id, seed)
-    log(f"[1/4] {len(tr_img)} train and {len(te_img)} test faces (disjoint identities), aligned, with "
-        f"heatmaps: {time.time() - t0:.1f}s")
-    sheet = os.path.join(out_dir, "faces.png")
-    for f, img, p in zip(faces, tr_img, tr_pts):
-        f.image, f.landmarks = img, p
-    contact_sheet(faces[:32], sheet)
+def _training_purity(run_dir: str) -> Optional[float]:
+    """Mean label purity of the positives the queue handed to the loss, second half of training."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    vals = [r["nn_purity"] for r in rows[len(rows) // 2:] if isinstance(r.get("nn_purity"), float)
+            and r["nn_purity"] == r["nn_purity"]]
+    return float(np.mean(vals)) if vals else None
 
-    desc = HeatmapDescriptor.fit(tr_pooled, dim=64, inner_only=True, seed=seed)
-    desc.save(os.path.join(out_dir, "descriptor.npz"))
-    purity = {"chance": float(((torch.bincount(te_labels) / len(te_labels)) ** 2).sum()),
-              "raw_pixels": _purity(torch.from_numpy(te_img), te_labels),
-              "heatmap_descriptor": _purity(desc(te_pooled), te_labels)}
-    log(f"[2/4] nearest-neighbour expression purity on held-out identities: heatmap descriptor "
-        f"{purity['heatmap_descriptor']:.3f}, raw pixels {purity['raw_pixels']:.3f}, chance {purity['chance']:.3f}")
 
-    size, batch = 64, 64
-    images = torch.nn.functional.interpolate(torch.from_numpy(tr_img).permute(0, 3, 1, 2).float(), size=size,
-                                             mode="area").round().to(torch.uint8)
-    model = HNCLModel("resnet18", width=16, stem="imagenet", proj_hidden=256, proj_out=64, pred_hidden=256)
-    queue = ShardedNeighborQueue(512, 64, desc.dim, nn_space="heatmap")
-    hncl = HNCL(model, queue, HNCLLoss(temperature=0.2), topk=1, descriptor=desc)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
-    views = TwoViews(size)
-    gen = torch.Generator().manual_seed(seed)
-    log(f"[3/4] HNCL training, one process: ResNet-18/16 at {size}px, batch {batch}, queue {queue.capacity}")
-    history = []
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
-        for step in range(1, steps + 1):
-            idx = torch.randperm(len(images), generator=gen)[:batch]
-            x1, x2 = views(images[idx])
-            loss, m = hncl.training_step({"x1": x1, "x2": x2, "id": tr_ids[idx], "label": tr_labels[idx],
-                                          "heatmap": tr_pooled[idx]})
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            m["step"] = step
-            history.append(m)
-            f.write(json.dumps(m) + "\n")
-            if step % 10 == 0 or step == steps:
-                log(f"  step {step:3d}  loss {m['loss']:.3f}  (view {m['loss_view']:.3f}, neighbour "
-                    f"{m['loss_nn']:.3f})  queue {m['queue_fill']:.0%}  positive purity {m['nn_purity']:.2f}")
-    tail = [h for h in history[len(history) // 2:] if not np.isnan(h["nn_purity"])]
-    summary = {
-        "purity": purity,
-        "training": {"steps": steps, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-                     "positive_purity": float(np.mean([h["nn_purity"] for h in tail])) if tail else None},
-        "seconds": time.time() - t0, "classes": list(EXPRESSIONS),
-    }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    log(f"[4/4] wrote {sheet}, metrics.jsonl, summary.json to {out_dir} in {summary['seconds']:.0f}s")
-    log("      (preview: the full demo with Ray, shards and baselines lands with issue #8)")
+def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: bool = False,
+             steps: Optional[int] = None, identities: Optional[tuple] = None, log=print) -> Dict:
+    from hncl.finetune import finetune_loop
+    from hncl.train.launch import pretrain_local, pretrain_ray
+
+    t_start = time.time()
+    n_train, n_test, per_id, default_steps = SIZES["quick" if quick else "default"]
+    if identities:
+        n_train, n_test = identities
+    steps = steps or default_steps
+    os.makedirs(out, exist_ok=True)
+    log(f"[demo 1/4] synthetic faces: {n_train * per_id} train ({n_train} identities), {n_test * per_id} test "
+        f"({n_test} other identities) -> shards with aligned heatmaps in {out}/shards")
+    train = _shards(out, "train", n_train, per_id, seed, log)
+    test = _shards(out, "test", n_test, per_id, seed, log)
+    from hncl.data.synthetic import SyntheticFaces, contact_sheet
+
+    faces = SyntheticFaces(4, 7, size=112, seed=seed)
+    contact_sheet([faces[i] for i in range(28)], os.path.join(out, "faces.png"), columns=7)
+
+    workers = 1 if debug else 2
+    base = load_config(CONFIG).data.batch_size
+    common = {"data.train_shards": train, "run.output_dir": os.path.join(out, "runs"), "run.seed": seed,
+              "data.steps_per_epoch": steps, "dist.num_workers": workers, "data.batch_size": base * 2 // workers}
+    if not debug:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    results: Dict[str, Dict] = {}
+    for i, (name, method) in enumerate(METHODS.items(), 1):
+        run_dir = os.path.join(out, "runs", name)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh experiment, not a resume
+        cfg = load_config(CONFIG, [f"{k}={v}" for k, v in {**common, **method, "run.name": name}.items()])
+        log(f"[demo 2/4] pretraining {i}/3: {name} ({steps} steps, global batch {base * 2}, "
+            f"{'1 process' if debug else '2 Ray workers'})")
+        t0 = time.time()
+        (pretrain_local if debug else pretrain_ray)(cfg)
+        results[name] = {"training_seconds": round(time.time() - t0, 1),
+                         "neighbour_purity": _training_purity(run_dir)}
+    log("[demo 3/4] linear probe + kNN of each frozen encoder on expression (held-out identities)")
+    from omegaconf import OmegaConf
+
+    for name in METHODS:
+        cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={test}",
+                                   f"finetune.init={os.path.join(out, 'runs', name, 'encoder.safetensors')}",
+                                   f"run.output_dir={os.path.join(out, 'probe')}", f"run.name={name}",
+                                   f"run.seed={seed}", "data.loader_workers=1"])
+        report = finetune_loop({"cfg": OmegaConf.to_container(cfg, enum_to_str=True), "session": "local"})
+        results[name].update(linear_acc=report["accuracy"], linear_macro_f1=report["macro_f1"],
+                             knn_acc=report["knn"]["accuracy"],
+                             embedding_purity=report["neighbours"].get("embedding_k1"),
+                             heatmap_purity=report["neighbours"]["heatmap_k1"], chance=report["neighbours"]["chance"])
+        shutil.copy(os.path.join(out, "probe", name, "confusion_matrix.png"), os.path.join(out, f"confusion_{name}.png"))
+    shutil.copy(os.path.join(out, "probe", "hncl", "neighbour_grid.png"), os.path.join(out, "neighbour_grid.png"))
+    log("[demo 4/4] report")
+    _loss_curves(out)
+    summary = {"seed": seed, "quick": quick, "debug": debug, "steps": steps, "train_faces": n_train * per_id,
+               "test_faces": n_test * per_id, "seconds": round(time.time() - t_start, 1), "methods": results}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({**results, "_run": {k: v for k, v in summary.items() if k != "methods"}}, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(_markdown(summary))
+    log(_table(results))
+    log(f"done in {summary['seconds']:.0f}s: {out}/report.md")
     return summary
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _table(results: Dict) -> str:
+    lines = ["| method | linear-probe acc | kNN acc | neighbour purity (training positives) | "
+             "embedding purity (k=1) | training time |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {_fmt(r['linear_acc'])} | {_fmt(r['knn_acc'])} | {_fmt(r['neighbour_purity'])} | "
+                     f"{_fmt(r['embedding_purity'])} | {r['training_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def _markdown(summary: Dict) -> str:
+    any_r = next(iter(summary["methods"].values()))
+    return "\n".join([
+        "# hncl demo report", "",
+        f"Synthetic faces: {summary['train_faces']} train / {summary['test_faces']} test (disjoint identities), "
+        f"seed {summary['seed']}, {summary['steps']} pretraining steps per method, "
+        f"{'one process' if summary['debug'] else 'Ray, 2 workers'}; total {summary['seconds']:.0f} s.", "",
+        _table(summary["methods"]), "",
+        f"Chance (label frequencies): {any_r['chance']:.3f}. Heatmap-descriptor neighbour purity on the test set: "
+        f"{any_r['heatmap_purity']:.3f}. *Neighbour purity* is the fraction of the positives each method's queue "
+        "supplied during the second half of training that share the anchor's expression (HNCL: heatmap "
+        "neighbours, NNCLR: embedding neighbours, baseline: none). *Embedding purity*: the same for the "
+        "nearest test face in the learned feature space.", "",
+        "![loss curves](loss_curves.png)", "",
+        "| HNCL | baseline | NNCLR |", "|---|---|---|",
+        "| ![](confusion_hncl.png) | ![](confusion_baseline.png) | ![](confusion_nnclr.png) |", "",
+        "Heatmap neighbours (what HNCL treats as positives): ![neighbour grid](neighbour_grid.png)", "",
+        "The faces: ![faces](faces.png)", ""])
+
+
+def _loss_curves(out: str) -> None:
+    from hncl.evaluate.plots import plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for name in METHODS:
+        with open(os.path.join(out, "runs", name, "metrics.jsonl")) as f:
+            rows = [json.loads(l) for l in f]
+        axes[0].plot([r["step"] for r in rows], [r["loss_view"] for r in rows], label=name)
+        if any("nn_purity" in r for r in rows):
+            axes[1].plot([r["step"] for r in rows], [r.get("nn_purity") for r in rows], label=name)
+    axes[0].set_title("two-view InfoNCE term")
+    axes[1].set_title("label purity of queue positives")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
+    plt.close(fig)

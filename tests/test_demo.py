@@ -1,20 +1,29 @@
-"""The preview demo runs end to end on tiny data and its numbers mean what they say."""
+"""The demo pipeline end to end at a tiny size (one process): report structure and consistency."""
 
 import json
+import os
 
 from hncl.cli import main
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--quick", "--steps", "6", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == list(range(1, 7))
-    assert summary["training"]["first_loss"] == lines[0]["loss"]
-    assert all(l["loss"] == l["loss"] for l in lines)  # no NaN
-    # the premise: heatmap neighbours share expression far above chance and above raw pixels
-    p = summary["purity"]
-    assert p["heatmap_descriptor"] > 0.8 > p["raw_pixels"] and p["chance"] < 0.2
-    assert lines[-1]["queue_fill"] > 0  # the queue filled and handed out neighbours
-    assert (tmp_path / "faces.png").exists() and (tmp_path / "descriptor.npz").exists()
-    assert "[4/4]" in capsys.readouterr().out
+def test_demo_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--debug", "--quick", "--steps", "4", "--identities", "6", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"hncl", "baseline", "nnclr", "_run"}
+    for name in ("hncl", "baseline", "nnclr"):
+        r = report[name]
+        for key in ("linear_acc", "knn_acc", "neighbour_purity", "training_seconds", "embedding_purity"):
+            assert key in r, (name, key)
+        assert 0 <= r["linear_acc"] <= 1 and 0 <= r["knn_acc"] <= 1
+        # the numbers come from the probe run's own metrics
+        probe = json.loads((out / "probe" / name / "metrics.json").read_text())
+        assert r["linear_acc"] == probe["accuracy"] and r["knn_acc"] == probe["knn"]["accuracy"]
+        assert (out / f"confusion_{name}.png").exists()
+    assert report["baseline"]["neighbour_purity"] is None  # no queue, no neighbours
+    assert report["hncl"]["neighbour_purity"] > report["hncl"]["chance"]  # heatmap positives share expression
+    md = (out / "report.md").read_text()
+    assert "| hncl |" in md and "| baseline |" in md and "| nnclr |" in md and "loss_curves.png" in md
+    for png in ("loss_curves.png", "neighbour_grid.png", "faces.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "[demo 4/4]" in capsys.readouterr().out

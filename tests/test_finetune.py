@@ -99,7 +99,7 @@ def linear_run(sets):
 def test_linear_probe_from_a_pretraining_run(sets, linear_run):
     run_dir = linear_run
     m = check_report(run_dir)
-    assert m["protocol"] == "linear" and m["encoder"] == {"arch": "resnet18", "width": 16, "stem": "small"}
+    assert m["protocol"] == "linear" and m["encoder"] == {"arch": "resnet18", "width": 16, "stem": "imagenet"}
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4, 5]
     assert os.path.exists(os.path.join(run_dir, "curves.png"))
     # the linear head was trained on the pretrained encoder: its weights are in the classifier

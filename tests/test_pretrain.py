@@ -43,7 +43,7 @@ def queue_digests(checkpoint, world):
 
 
 def check_encoder(run_dir):
-    enc = ResNetEncoder("resnet18", width=16, stem="small")
+    enc = ResNetEncoder("resnet18", width=16, stem="imagenet")
     load_encoder_weights(enc, os.path.join(run_dir, "encoder.safetensors"))
     assert json.load(open(os.path.join(run_dir, "encoder.json")))["out_dim"] == enc.out_dim
 
