@@ -53,6 +53,14 @@ def test_knn_vote_purity_and_ivf():
     assert knn.knn_predict(x, y, q, 10, k=10, kind="ivf").tolist() == list(range(10))
 
 
+def test_both_faiss_builds_installed_is_refused(monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "version", lambda name: "1.15.1")  # pretend every package is installed
+    with pytest.raises(RuntimeError, match="both faiss-cpu and faiss-gpu"):
+        knn.check_single_faiss()
+
+
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")

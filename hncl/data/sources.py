@@ -12,6 +12,7 @@ them in `excluded`; rows that fail later (unreadable image) are *skipped* by mak
 
 from __future__ import annotations
 
+import abc
 import csv
 import hashlib
 import math
@@ -71,15 +72,18 @@ def load_rgb(path: str) -> np.ndarray:
         raise SourceError("unreadable image", f"{path} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
-class Source:
+class Source(abc.ABC):
+    """Random access over a dataset's rows in a fixed order."""
+
     name = "base"
     excluded: Dict[str, int]
 
     def __len__(self) -> int:
         return len(self.rows)  # type: ignore[attr-defined]
 
-    def item(self, index: int) -> SourceItem:  # pragma: no cover - every source overrides
-        raise IndexError(index)
+    @abc.abstractmethod
+    def item(self, index: int) -> SourceItem:
+        """Row `index`: raises SourceError for a row that cannot be delivered."""
 
     @property
     def has_landmarks(self) -> bool:

@@ -11,7 +11,25 @@ import math
 import numpy as np
 
 
+def check_single_faiss() -> None:
+    """faiss-cpu and faiss-gpu install the same module `faiss`; with both, whichever was
+    installed last silently wins and the other's files linger: refuse, and say how to fix it."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("faiss-cpu", "faiss-gpu"):
+        try:
+            metadata.version(dist)
+            found.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(found) > 1:
+        raise RuntimeError("both faiss-cpu and faiss-gpu are installed; they provide the same module `faiss`. "
+                           "Uninstall both and reinstall one: pip install -e '.[cpu]' or '.[gpu]'")
+
+
 def _index(train: np.ndarray, kind: str = "flat", nprobe: int = 16):
+    check_single_faiss()
     import faiss
 
     d = train.shape[1]

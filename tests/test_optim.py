@@ -1,0 +1,43 @@
+"""Optimisers and the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+
+from hncl.config import load_config
+from hncl.train.optim import build_optimizer, param_groups, warmup_cosine
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_optimizers_scale_lr_and_skip_decay_on_norms_and_biases(name):
+    cfg = load_config(None, [f"optim.name={name}", "optim.lr=0.2", "optim.weight_decay=0.01"]).optim
+    model = _model()
+    opt = build_optimizer(model, cfg, global_batch=512)
+    assert [g["lr"] for g in opt.param_groups] == [0.4, 0.4]  # 0.2 x 512 / 256
+    decay, no_decay = opt.param_groups
+    assert all(p.ndim == 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
