@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from hncl import dist as hdist
 from hncl import storage
@@ -189,7 +190,9 @@ class Trainer:
         if self.engine is not None:
             self.engine.load_checkpoint(folder, tag="deepspeed")
         else:
-            self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors"), device=str(self.device)))
+            with open(os.path.join(folder, "model.safetensors"), "rb") as f:  # read, not mmap: robust to
+                weights = load_safetensors(f.read())                         # files replaced underneath
+            self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
                                                       weights_only=True))
             self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))

@@ -61,7 +61,11 @@ class RaySession(Session):
 
     def restore_dir(self) -> Optional[str]:
         ckpt = self._train.get_checkpoint()
-        return None if ckpt is None else ckpt.to_directory()
+        if ckpt is None:
+            return None
+        # a folder of our own: ranks on one node must not share (and overwrite) a download that
+        # another rank is reading
+        return ckpt.to_directory(tempfile.mkdtemp(prefix=f"hncl-restore-r{self.rank}-"))
 
     def report_metrics(self, metrics: Dict[str, float]) -> None:
         self._train.report(metrics)
