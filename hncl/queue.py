@@ -49,17 +49,42 @@ class Neighbours:
     slots: torch.Tensor  # [B, k] int64 global slot index
 
 
+_CHUNK = 256
+
+
+def _top_m(scores: torch.Tensor, m: int):
+    """Values and columns of each row's m largest scores (any order among equal values). On CPU
+    with long rows, two stages: the m chunks of 256 columns with the largest maxima hold every
+    value above the m-th largest, then one top-m over those m*256 columns (5x faster than
+    torch.topk over 65,536 columns; ties at the m-th value are resolved by topk_stable)."""
+    n = scores.shape[1]
+    if scores.device.type != "cpu" or n < 16 * _CHUNK or m * _CHUNK * 2 > n:
+        return scores.topk(m, dim=1)
+    pad = (-n) % _CHUNK
+    if pad:
+        scores = F.pad(scores, (0, pad), value=float("-inf"))
+    chunks = scores.view(scores.shape[0], -1, _CHUNK)
+    best = chunks.amax(dim=2).topk(m, dim=1).indices  # [N, m] chunk numbers
+    cols = (best.unsqueeze(-1) * _CHUNK + torch.arange(_CHUNK, device=scores.device)).flatten(1)
+    v, j = scores.gather(1, cols).topk(m, dim=1)
+    i = cols.gather(1, j)
+    # padding can only be picked when a row has fewer than m real columns above -inf: keep it in range
+    return v, torch.where(i < n, i, torch.zeros_like(i))
+
+
 def topk_stable(scores: torch.Tensor, k: int, margin: int = 8):
     """Row-wise top-k ordered by (score desc, column asc), exact under ties.
 
-    torch.topk picks arbitrarily among equal scores, so we take a few extra candidates, order
-    them ourselves, and fall back to a full stable sort only for rows whose tie at the k-th
-    score may extend past the candidates.
+    torch.topk picks arbitrarily among equal scores, so we take a few extra candidates and order
+    them ourselves. Rows whose tie at the k-th score may extend past the candidates (many copies
+    of one key: a queue larger than the dataset stores an image once per epoch) are repaired
+    without sorting the row: the tie block is filled with the lowest columns holding the k-th
+    score, one masked top-k over the row.
     """
     n = scores.shape[1]
     k = min(k, n)
     m = min(n, 2 * k + margin)
-    v, i = scores.topk(m, dim=1)
+    v, i = _top_m(scores, m)
     i, order = i.sort(dim=1)
     v = v.gather(1, order)
     v, order = v.sort(dim=1, descending=True, stable=True)
@@ -70,8 +95,13 @@ def topk_stable(scores: torch.Tensor, k: int, margin: int = 8):
         unsure = (v[:, -1] == kth) & torch.isfinite(kth)
         if bool(unsure.any()):
             rows = unsure.nonzero().squeeze(1)
-            fv, fi = scores[rows].sort(dim=1, descending=True, stable=True)
-            v_k[rows], i_k[rows] = fv[:, :k], fi[:, :k]
+            sub, kth_r = scores[rows], kth[rows].unsqueeze(1)
+            above = (sub > kth_r).sum(dim=1, keepdim=True)  # < k, all among the candidates, in order
+            cols = torch.arange(n, device=scores.device).expand_as(sub)
+            tied = torch.where(sub == kth_r, cols, torch.full_like(cols, n)).topk(k, dim=1, largest=False).values
+            pos = torch.arange(k, device=scores.device).unsqueeze(0)
+            fill = tied.gather(1, (pos - above).clamp(min=0))
+            i_k[rows] = torch.where(pos < above, i_k[rows], fill)
     return v_k, i_k
 
 
@@ -114,6 +144,7 @@ class ShardedNeighborQueue:
         self.ids = torch.full((self.slots,), -1, dtype=torch.int64, device=self.device)
         self.labels = torch.full((self.slots,), -1, dtype=torch.int64, device=self.device)
         self.ptr = 0
+        self._full = False  # every slot holds an entry (then lookup skips the empty-slot mask)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -154,6 +185,8 @@ class ShardedNeighborQueue:
         self.ids[dest] = ids.to(self.device, torch.int64)[rows]
         self.labels[dest] = labels.to(self.device, torch.int64)[rows]
         self.ptr = int((self.ptr + b) % self.slots)
+        if not self._full:
+            self._full = bool((self.ids >= 0).all())
 
     # -- lookup ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,9 +205,15 @@ class ShardedNeighborQueue:
 
         # 2. local scores and top-k (k' <= slots)
         scores = q_all @ self.search_keys.to(cdtype).T  # [N, slots]
-        empty = self.ids < 0
-        scores.masked_fill_(empty.unsqueeze(0), float("-inf"))
-        scores.masked_fill_(ids_all.unsqueeze(1) == self.ids.unsqueeze(0), float("-inf"))
+        if not self._full:  # once every slot holds an entry, skip the [N, slots] mask
+            scores.masked_fill_((self.ids < 0).unsqueeze(0), float("-inf"))
+        # a query's own sample id (an earlier epoch's copy): compare only on the slots holding one
+        sorted_ids = ids_all.sort().values  # (torch.isin sorts the whole slice: far slower)
+        at = torch.searchsorted(sorted_ids, self.ids).clamp(max=sorted_ids.numel() - 1)
+        own = (sorted_ids[at] == self.ids).nonzero().squeeze(1)
+        if own.numel():
+            same = ids_all.unsqueeze(1) == self.ids[own].unsqueeze(0)  # [N, hits]
+            scores[:, own] = scores[:, own].masked_fill(same, float("-inf"))
         val, slot = topk_stable(scores, k)  # [N, k']
         ok = torch.isfinite(val)
         slot = torch.where(ok, slot, torch.zeros_like(slot))
@@ -263,6 +302,7 @@ class ShardedNeighborQueue:
         self.ids.copy_(state["ids"])  # type: ignore[arg-type]
         self.labels.copy_(state["labels"])  # type: ignore[arg-type]
         self.ptr = int(state["ptr"])  # type: ignore[arg-type]
+        self._full = bool((self.ids >= 0).all())
 
 
 def state_digest(state: Dict[str, object]) -> str:

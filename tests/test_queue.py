@@ -134,6 +134,26 @@ def test_topk_stable_orders_ties_by_index():
     v, i = topk_stable(rnd, 5, margin=1)
     ref_v, ref_i = rnd.sort(dim=1, descending=True, stable=True)
     assert torch.equal(i, ref_i[:, :5]) and torch.equal(v, ref_v[:, :5])
+    # long rows with hundreds of copies of each score (a queue holding each image many times)
+    rnd = torch.randint(0, 5, (20, 3000), generator=gen).float()
+    rnd[::3, 1234] = 9.0  # one clear winner in some rows, then the tie block
+    rnd[1, :] = float("-inf")
+    long_random = torch.randn(6, 70000, generator=gen)  # the chunked CPU path, padded (70000 % 256 != 0)
+    long_random[0, 69999] = 50.0  # the best score in the padded last chunk
+    long_ties = torch.randint(0, 3, (6, 65536), generator=gen).float()
+    long_ties[2, :] = float("-inf")
+    long_ties[2, 100] = 1.0  # one real column; the others are empty slots
+    for scores in (long_random, long_ties):
+        for k in (1, 5):
+            v, i = topk_stable(scores, k)
+            ref_v, ref_i = scores.sort(dim=1, descending=True, stable=True)
+            assert torch.equal(v, ref_v[:, :k])
+            finite = torch.isfinite(ref_v[:, :k])
+            assert torch.equal(i[finite], ref_i[:, :k][finite]) and int(i.max()) < scores.shape[1]
+    for k in (1, 3):
+        v, i = topk_stable(rnd, k)
+        ref_v, ref_i = rnd.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(i[2:], ref_i[2:, :k]) and torch.equal(v, ref_v[:, :k])
 
 
 def test_empty_and_partly_filled_queue():
