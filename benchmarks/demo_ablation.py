@@ -25,12 +25,19 @@ from hncl.finetune import finetune_loop
 from hncl.train.launch import pretrain_local
 
 VARIANTS = {
+    "random": None,  # no pretraining: the floor every method must clear
     "baseline": METHODS["baseline"],
     "hncl": METHODS["hncl"],
+    "hncl_queue_only": {**METHODS["hncl"], "method.batch_neighbours": 0},  # the design's HNCL
     "nnclr": METHODS["nnclr"],
-    "hncl_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
-    "hncl_top5": {**METHODS["hncl"], "method.topk": 5},
+    "hncl_queue_only_lambda05": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.nn_weight": 0.5},
+    "hncl_queue_only_top5": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.topk": 5},
+    "hncl_queue_only_nn_term_only": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.view_weight": 0.0},
+    "hncl_batch10": {**METHODS["hncl"], "method.batch_neighbours": 10},
     "hncl_tau01": {**METHODS["hncl"], "method.temperature": 0.1},
+    "baseline_tau01": {**METHODS["baseline"], "method.temperature": 0.1},  # the baselines get the same care
+    "nnclr_tau01": {**METHODS["nnclr"], "method.temperature": 0.1},
+    "nnclr_top5": {**METHODS["nnclr"], "method.topk": 5},
 }
 
 
@@ -43,25 +50,40 @@ def main() -> None:
     args = ap.parse_args()
     train = _shards(args.out, "train", 200, 14, args.seed, print)
     val = _shards(args.out, "val", 60, 14, args.seed + 1000, print)  # other people: another seed's stream
-    results = {}
+    path = os.path.join(os.path.dirname(args.out.rstrip("/")), "demo_ablation.json")
+    results, old = {}, {}
+    if os.path.exists(path):  # keep other variants' results from earlier runs of this seed/steps
+        with open(path) as f:
+            old = json.load(f)
+        if (old.get("steps"), old.get("seed")) == (args.steps, args.seed):
+            results = old["results"]
+        else:
+            old = {}
     for name in args.variants:
         run = os.path.join(args.out, "runs", name)
-        shutil.rmtree(run, ignore_errors=True)
-        over = {"data.train_shards": train, "run.output_dir": os.path.join(args.out, "runs"), "run.name": name,
-                "run.seed": args.seed, "data.steps_per_epoch": args.steps, "dist.num_workers": 1,
-                "data.batch_size": 128, **VARIANTS[name]}
-        t0 = time.time()
-        pretrain_local(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]))
-        seconds = time.time() - t0
+        init = os.path.join(run, "encoder.safetensors") if VARIANTS[name] is not None else "none"
+        seconds = 0.0
+        if VARIANTS[name] is not None:
+            shutil.rmtree(run, ignore_errors=True)
+            seconds = _pretrain(args, name, train)
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={val}",
-                                   f"finetune.init={os.path.join(run, 'encoder.safetensors')}",
+                                   f"finetune.init={init}",
                                    f"run.output_dir={os.path.join(args.out, 'probe')}", f"run.name={name}"])
         rep = finetune_loop({"cfg": OmegaConf.to_container(cfg, enum_to_str=True), "session": "local"})
         results[name] = {"val_linear_acc": rep["accuracy"], "val_knn_acc": rep["knn"]["accuracy"],
                          "seconds": round(seconds, 1)}
         print(name, results[name], flush=True)
-        with open(os.path.join(os.path.dirname(args.out.rstrip("/")), "demo_ablation.json"), "w") as f:
-            json.dump({"steps": args.steps, "seed": args.seed, "results": results}, f, indent=1)
+        with open(path, "w") as f:
+            json.dump({**old, "steps": args.steps, "seed": args.seed, "results": results}, f, indent=1)
+
+
+def _pretrain(args, name: str, train: str) -> float:
+    over = {"data.train_shards": train, "run.output_dir": os.path.join(args.out, "runs"), "run.name": name,
+            "run.seed": args.seed, "data.steps_per_epoch": args.steps, "dist.num_workers": 1,
+            "data.batch_size": 128, **VARIANTS[name]}
+    t0 = time.time()
+    pretrain_local(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]))
+    return time.time() - t0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class Strategy(str, enum.Enum):
     deepspeed = "deepspeed"
 
 
+class AugmentOn(str, enum.Enum):
+    loader = "loader"  # torchvision, per image, in the loader workers
+    device = "device"  # kornia, per batch, on the training device after the copy (GPU jobs)
+
+
 class OptimizerName(str, enum.Enum):
     sgd = "sgd"
     adamw = "adamw"
@@ -76,6 +81,10 @@ class MethodConfig:
     view_weight: float = 1.0  # weight of the two-view term (0 + nn_space=embedding = NNCLR)
     temperature: float = 0.1
     topk: int = 1  # each of the top-k valid neighbours is a positive
+    # also take each sample's top-n heatmap neighbours in the current global batch as positives
+    # (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
+    # Used with nn_space=heatmap only, like topk/queue_size are unused by the baseline.
+    batch_neighbours: int = 0
     queue_size: int = 65536  # global Q, split evenly over the W ranks
     queue_dtype: Dtype = Dtype.float32
 
@@ -84,7 +93,7 @@ class MethodConfig:
 class DescriptorConfig:
     resolution: int = 16  # R: heatmaps are stored pooled to 68 x R x R (uint8)
     inner_only: bool = True  # drop the 17 jaw-line points, which carry face shape (identity)
-    dim: int = 256  # Dh after the PCA projection
+    dim: int = 64  # Dh after the PCA projection (64 keeps all the neighbour purity of 256: docs/HEATMAPS.md)
 
 
 @dataclass
@@ -97,6 +106,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
     min_crop_scale: float = 0.6  # RandomResizedCrop lower bound: expressions must survive the crop
+    augment_on: AugmentOn = AugmentOn.loader  # where the two views are made (docs/PERFORMANCE.md)
     max_skip_fraction: float = 0.01  # fail when more of the streamed samples are corrupt
 
 
@@ -255,6 +265,7 @@ def validate(cfg: DictConfig) -> None:
         _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
     _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
     _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
+    _check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
     _check(me.nn_weight >= 0, "method.nn_weight", me.nn_weight, "must be >= 0")
     _check(me.view_weight >= 0, "method.view_weight", me.view_weight, "must be >= 0")
     _check(me.view_weight > 0 or (me.nn_weight > 0 and me.nn_space != NNSpace.none),

@@ -2,6 +2,7 @@
 
     L = view_weight * 1/2 [NCE(z1, p2) + NCE(z2, p1)]
       + nn_weight   * 1/2 [NCE(nn1, p2) + NCE(nn2, p1)]
+      + nn_weight   * 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]      (batch_neighbours > 0)
 
 NCE(a, b): for each local anchor a_i, cross-entropy over the cosine logits a_i . b_j / tau
 against every b_j of the *global* batch (all ranks), the positive being b_i. nn1/nn2 are the
@@ -9,7 +10,8 @@ queue neighbours looked up for view 1/2: the same heatmap neighbours for both vi
 (search by the view-independent heatmap), each view's own embedding neighbours in NNCLR. With
 k > 1 neighbours each valid one is a positive: a sample's term is the mean over its valid
 neighbours, and samples with none (queue still filling) are left out of the mean rather than
-given a garbage target.
+given a garbage target. nb: each sample's heatmap neighbours within the global batch itself,
+positives whose embeddings are fresh and carry gradient (multi_positive_nce).
 
 Each rank returns a loss whose average over ranks is the loss of one process on the whole
 global batch, and whose gradient, averaged over ranks by DDP, is that process's gradient (the
@@ -41,6 +43,18 @@ def nce_per_sample(anchors: torch.Tensor, candidates: torch.Tensor, offset: int,
     return loss.squeeze(1) if squeeze else loss
 
 
+def multi_positive_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """Per-anchor InfoNCE with several positives: anchors [B, D], candidates [N, D] (the global
+    batch), positives [B, n] indices into candidates (-1 = none). Returns [B] = the mean over a
+    sample's valid positives of -log softmax(anchor . candidates / T)[positive]; 0 where none."""
+    logits = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T
+    logp = F.log_softmax(logits / temperature, dim=1)
+    valid = positives >= 0
+    picked = logp.gather(1, positives.clamp(min=0)) * valid
+    return -picked.sum(1) / valid.sum(1).clamp(min=1)
+
+
 def _global_mean(per_sample: torch.Tensor, include: torch.Tensor):
     """Sum of the included local terms divided by the included count over all ranks, times W:
     averaging this over ranks gives the mean over the global batch. Returns (term, count)."""
@@ -65,9 +79,12 @@ class HNCLLoss:
 
     def __call__(self, z1: torch.Tensor, z2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                  nn1: Optional[torch.Tensor] = None, valid1: Optional[torch.Tensor] = None,
-                 nn2: Optional[torch.Tensor] = None, valid2: Optional[torch.Tensor] = None) -> LossOutput:
+                 nn2: Optional[torch.Tensor] = None, valid2: Optional[torch.Tensor] = None,
+                 batch_positives: Optional[torch.Tensor] = None) -> LossOutput:
         """z*: projections [B, D]; p*: predictions [B, D]; nn*: neighbour embeddings [B, k, D]
-        (no gradient) with valid* [B, k]. nn2/valid2 default to nn1/valid1 (HNCL)."""
+        (no gradient) with valid* [B, k]. nn2/valid2 default to nn1/valid1 (HNCL).
+        batch_positives [B, n]: indices into the global batch of each sample's in-batch heatmap
+        neighbours (-1 = none); each is a positive for both views, gradient on both sides."""
         tau = self.temperature
         p1_all, offset = hdist.all_gather_with_grad(p1)
         p2_all, _ = hdist.all_gather_with_grad(p2)
@@ -92,6 +109,12 @@ class HNCLLoss:
             nn_term = 0.5 * (nn_terms[0] + nn_terms[1])
             loss = loss + self.nn_weight * nn_term
             terms["loss_nn"] = nn_term
+        if batch_positives is not None and self.nn_weight > 0:
+            per_sample = 0.5 * (multi_positive_nce(z1, p2_all, batch_positives, tau)
+                                + multi_positive_nce(z2, p1_all, batch_positives, tau))
+            term, _ = _global_mean(per_sample, (batch_positives >= 0).any(dim=1))
+            loss = loss + self.nn_weight * term
+            terms["loss_batch_nn"] = term
         # Report global values (one packed all-reduce): the rank shares average to them.
         terms["loss"] = loss
         names = list(terms)

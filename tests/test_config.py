@@ -36,6 +36,7 @@ def test_shipped_configs_load(path):
     (["method.topk=0"], ["method.topk=0", ">= 1"]),
     (["method.queue_size=1000", "dist.num_workers=3"], ["method.queue_size=1000", "divisible"]),
     (["method.temperature=-1"], ["method.temperature"]),
+    (["method.batch_neighbours=-1"], ["method.batch_neighbours=-1", ">= 0"]),
     (["descriptor.resolution=10"], ["descriptor.resolution", "16"]),
     (["justtext"], ["justtext", "key=value"]),
 ])

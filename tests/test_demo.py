@@ -22,6 +22,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
         assert (out / f"confusion_{name}.png").exists()
     assert report["baseline"]["neighbour_purity"] is None  # no queue, no neighbours
     assert report["hncl"]["neighbour_purity"] > report["hncl"]["chance"]  # heatmap positives share expression
+    assert report["hncl"]["batch_neighbour_purity"] > report["hncl"]["chance"]
+    assert report["nnclr"]["batch_neighbour_purity"] is None
     md = (out / "report.md").read_text()
     assert "| hncl |" in md and "| baseline |" in md and "| nnclr |" in md and "loss_curves.png" in md
     for png in ("loss_curves.png", "neighbour_grid.png", "faces.png"):

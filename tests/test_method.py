@@ -6,8 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hncl.config import load_config
-from hncl.loss import HNCLLoss, nce_per_sample
-from hncl.method import HNCL, build_hncl
+from hncl.loss import HNCLLoss, multi_positive_nce, nce_per_sample
+from hncl.method import HNCL, batch_heatmap_neighbours, build_hncl
 from hncl.model import HNCLModel
 from hncl.queue import ShardedNeighborQueue
 
@@ -104,6 +104,57 @@ def test_training_step_metrics_purity_and_fill():
     assert m["nn_score"] == pytest.approx(1.0)
     assert m["queue_fill"] == 1.0
     assert torch.isfinite(loss) and set(m) >= {"loss", "loss_view", "loss_nn"}
+
+
+def test_multi_positive_nce_matches_a_hand_written_reference():
+    gen = torch.Generator().manual_seed(4)
+    anchors, cands = torch.randn(3, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    positives = torch.tensor([[1, 4], [0, -1], [-1, -1]])
+    got = multi_positive_nce(anchors, cands, positives, TAU)
+    a, c = F.normalize(anchors, dim=1), F.normalize(cands, dim=1)
+    want = []
+    for i, pos in enumerate(positives.tolist()):
+        pos = [j for j in pos if j >= 0]
+        denom = sum(torch.exp(a[i] @ c[j] / TAU) for j in range(6))
+        want.append(-sum(torch.log(torch.exp(a[i] @ c[j] / TAU) / denom) for j in pos) / len(pos) if pos else 0.0)
+    assert torch.allclose(got, torch.tensor([float(w) for w in want]), atol=1e-5)
+
+
+def test_batch_heatmap_neighbours_brute_force_and_small_batches():
+    gen = torch.Generator().manual_seed(5)
+    desc = torch.randn(9, 6, generator=gen)
+    got = batch_heatmap_neighbours(desc, 3)
+    sim = F.normalize(desc, dim=1) @ F.normalize(desc, dim=1).T
+    sim.fill_diagonal_(float("-inf"))
+    assert torch.equal(got, sim.argsort(dim=1, descending=True)[:, :3])
+    assert batch_heatmap_neighbours(desc[:2], 3).tolist() == [[1, -1, -1], [0, -1, -1]]
+    assert batch_heatmap_neighbours(desc[:1], 2).tolist() == [[-1, -1]]
+
+
+def _batch_neighbours_on_ranks(desc):
+    rank = dist.get_rank()
+    return batch_heatmap_neighbours(desc[rank * 4:(rank + 1) * 4], 3)
+
+
+def test_batch_heatmap_neighbours_index_the_global_batch(run_distributed):
+    """Two ranks of 4 find the same global-batch indices as one process holding all 8."""
+    desc = torch.randn(8, 6, generator=torch.Generator().manual_seed(6))
+    parts = run_distributed(_batch_neighbours_on_ranks, 2, desc)
+    assert torch.equal(torch.cat(parts), batch_heatmap_neighbours(desc, 3))
+
+
+def test_batch_neighbour_positives_report_their_purity_and_lower_the_loss_of_matching_pairs():
+    model = tiny_model()
+    queue = ShardedNeighborQueue(8, 12, 2)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    # samples 0,1 share a heatmap, 2,3 share another: each one's in-batch neighbour is its pair
+    batch = {"x1": x, "x2": x.flip(-1), "id": torch.arange(4), "desc": torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]),
+             "label": torch.tensor([0, 0, 1, 2])}
+    loss, m = HNCL(model, queue, HNCLLoss(TAU), topk=1, batch_neighbours=1).training_step(batch)
+    assert m["batch_nn_purity"] == pytest.approx(0.5)  # 0<->1 agree, 2<->3 do not
+    assert "loss_batch_nn" in m and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="heatmap queue"):
+        HNCL(model, None, HNCLLoss(TAU), batch_neighbours=2)
 
 
 def test_build_from_config_none_space_is_baseline():
