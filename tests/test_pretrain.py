@@ -91,14 +91,18 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_
         return loss, metrics
 
     monkeypatch.setattr(HNCL, "training_step", poisoned)
-    cfg = load_config("configs/debug.yaml", overrides(shard_set, tmp_path, "nan", **{"run.checkpoint_every": 2,
-                                                                                     "data.loader_workers": 0}))
+    # also the GPU-job settings on CPU: views made per batch in the loop, in-batch neighbours
+    cfg = load_config("configs/debug.yaml", overrides(shard_set, tmp_path, "nan", **{
+        "run.checkpoint_every": 2, "data.loader_workers": 0, "data.augment_on": "device",
+        "method.batch_neighbours": 3}))
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*last good checkpoint"):
         pretrain_local(cfg)
     good = tmp_path / "nan" / "checkpoint_00000002"
     assert (good / "_COMPLETE").exists() and not (tmp_path / "nan" / "checkpoint_00000003").exists()
     state = json.loads((good / "train_state.json").read_text())
     assert state["step"] == 2
+    (row,) = read_metrics(str(tmp_path / "nan"))
+    assert row["step"] == 2 and 0.0 <= row["batch_nn_purity"] <= 1.0 and row["loss_batch_nn"] > 0
 
 
 def test_ray_ddp_two_workers_survive_a_killed_worker(shard_set, tmp_path, ray_local):

@@ -71,6 +71,47 @@ def test_training_stream_is_endless_fixed_size_and_shuffled(serial_set):
     assert len(set(torch.cat([b["id"] for b in batches]).tolist())) > 60
 
 
+def test_read_npy_equals_np_load_and_rejects_bad_bytes():
+    import io
+
+    from hncl.data.shards import read_npy
+
+    for arr in (np.arange(68 * 4 * 4, dtype=np.uint8).reshape(68, 4, 4), np.random.rand(68, 2).astype(np.float16),
+                np.asfortranarray(np.random.rand(3, 5)), np.zeros((0, 3), np.float32)):
+        for _ in range(2):  # the second read takes the cached-header path
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            got = read_npy(buf.getvalue())
+            assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, arr)
+            assert got.flags.writeable
+    buf = io.BytesIO()
+    np.save(buf, np.ones((68, 4, 4), np.uint8))
+    for bad in (b"not an array at all", buf.getvalue()[:-10]):
+        with pytest.raises(ValueError):
+            read_npy(bad)
+
+
+def test_batch_views_match_the_per_image_recipe_in_shape_and_statistics():
+    """BatchViews (kornia, per batch) draws its own parameters per image and per view, and keeps
+    the per-image recipe's output format: float [B, 3, S, S] normalised with MEAN/STD."""
+    from hncl.data.augment import MEAN, STD, BatchViews, view_transform
+
+    images = torch.stack([torch.from_numpy(SyntheticFaces(1, 1, size=112, seed=s)[0].image).permute(2, 0, 1)
+                          for s in range(8)])
+    torch.manual_seed(0)
+    x1, x2 = BatchViews(64)(images)
+    assert x1.shape == x2.shape == (8, 3, 64, 64) and x1.dtype == torch.float32
+    assert not torch.allclose(x1, x2)  # two independent draws
+    # identical inputs still get different crops / colours per image
+    same = BatchViews(64)(images[:1].repeat(4, 1, 1, 1))[0]
+    assert len({round(float(v), 4) for v in same.mean(dim=(1, 2, 3))}) == 4
+    # the range a normalised [0, 1] image can take, for both paths
+    lo, hi = (0 - MEAN[0]) / STD[0], (1 - MEAN[0]) / STD[0]
+    per_image = view_transform(64)(images[0])
+    for t in (x1, x2, per_image):
+        assert float(t.min()) >= lo - 1e-4 and float(t.max()) <= hi + 1e-4
+
+
 def _shard_hashes(root):
     return [s["sha256"] for s in verify(str(root))["shards"]]
 

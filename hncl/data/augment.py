@@ -32,3 +32,28 @@ class TwoViews:
         v1 = torch.stack([self.transform(im) for im in images])
         v2_ = torch.stack([self.transform(im) for im in images])
         return v1, v2_
+
+
+class BatchViews:
+    """The same recipe as view_transform, applied to a whole uint8 batch [B, 3, H, W] in one
+    kornia call per view (each image still gets its own random parameters). Runs wherever the
+    batch is: in a loader worker, or on the GPU after the copy (then the loader only decodes)."""
+
+    def __init__(self, size: int, min_scale: float = 0.6):
+        import kornia.augmentation as K
+
+        self.augment = K.AugmentationSequential(
+            K.RandomResizedCrop((size, size), scale=(min_scale, 1.0), ratio=(0.85, 1.18)),
+            K.RandomHorizontalFlip(),
+            K.ColorJitter(0.4, 0.4, 0.3, 0.0, p=0.8),
+            K.RandomGrayscale(p=0.2),
+            K.RandomGaussianBlur((5, 5), (0.1, 1.5), p=0.3),
+        )
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor):
+        x = images.float().div_(255)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return tuple((self.augment(x) - mean) / std for _ in range(2))

@@ -72,6 +72,32 @@ def _reason(exn: Exception) -> str:
     return "corrupt sample"
 
 
+_NPY_HEADERS: Dict[bytes, tuple] = {}  # raw .npy header -> (dtype, shape, fortran_order)
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """np.load for the small .npy members of a shard, without its per-call header parse
+    (ast.literal_eval: most of its cost). Every sample of a set shares one header, so it is
+    parsed once by numpy's own reader and remembered; the array is a copy of the buffer."""
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        raise ValueError("not a .npy array (or an unsupported .npy version)")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes
+    header_end = start + int.from_bytes(data[8:start], "little")
+    header = data[:header_end]
+    if header not in _NPY_HEADERS:
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)  # numpy's parser, once per distinct header
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed in shards")
+        _NPY_HEADERS[header] = (dtype, shape, fortran)
+    dtype, shape, fortran = _NPY_HEADERS[header]
+    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=header_end)
+    return arr.reshape(shape, order="F" if fortran else "C").copy()
+
+
 def decode_sample(sample: dict) -> dict:
     """Raw tar members -> tensors: image uint8 [3, H, W], heatmap uint8 [68, R, R],
     landmarks float32 [68, 2], label (-1 when none), id."""
@@ -81,9 +107,9 @@ def decode_sample(sample: dict) -> dict:
     meta = json.loads(sample["json"])
     with Image.open(io.BytesIO(sample["jpg"])) as im:  # torchvision.io's decoders are deprecated (0.29)
         image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-    heatmap = torch.from_numpy(np.load(io.BytesIO(sample["heatmap.npy"]), allow_pickle=False))
+    heatmap = torch.from_numpy(read_npy(sample["heatmap.npy"]))
     lm = sample.get("landmarks.npy")
-    landmarks = (torch.from_numpy(np.load(io.BytesIO(lm), allow_pickle=False).astype(np.float32))
+    landmarks = (torch.from_numpy(read_npy(lm).astype(np.float32))
                  if lm is not None else torch.full((68, 2), float("nan")))
     label = meta.get("label")
     return {"image": image, "heatmap": heatmap, "landmarks": landmarks,

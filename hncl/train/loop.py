@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from hncl import dist as hdist
 from hncl import storage
 from hncl.config import Config, validate
-from hncl.data.augment import view_transform
+from hncl.data.augment import BatchViews, view_transform
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
 from hncl.method import build_hncl
 from hncl.model import HNCLModel
@@ -245,8 +245,11 @@ class Trainer:
         dev = self.device
         nb = dev.type == "cuda"
         mf = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        inputs = {"x1": batch["x1"].to(dev, non_blocking=nb).contiguous(memory_format=mf),
-                  "x2": batch["x2"].to(dev, non_blocking=nb).contiguous(memory_format=mf),
+        if "image" in batch:  # data.augment_on=device: the views are made here, per batch
+            x1, x2 = self.batch_views(batch["image"].to(dev, non_blocking=nb))
+        else:
+            x1, x2 = batch["x1"].to(dev, non_blocking=nb), batch["x2"].to(dev, non_blocking=nb)
+        inputs = {"x1": x1.contiguous(memory_format=mf), "x2": x2.contiguous(memory_format=mf),
                   "heatmap": batch["heatmap"].to(dev, non_blocking=nb),
                   "id": batch["id"].to(dev), "label": batch["label"].to(dev)}
         loss, metrics = self.hncl.training_step(inputs)
@@ -293,7 +296,10 @@ class Trainer:
             print(f"[hncl] run directory: {self.run_dir} ({'resumed at step ' + str(self.step) if resumed else 'new'}); "
                   f"{self.world} rank(s), {self.strategy}, {self.total_steps} steps "
                   f"({self.steps_per_epoch}/epoch), batch {self.batch_size}/rank", flush=True)
-        views = view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
+        on_device = _value(cfg.data.augment_on) == "device"
+        if on_device:
+            self.batch_views = BatchViews(cfg.data.image_size, cfg.data.min_crop_scale)
+        views = None if on_device else view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
         pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed + 1000 * self.step,
                                   shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
