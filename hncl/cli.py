@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS", help="run shards as Ray tasks: 'auto', 'local' or ray://HOST:PORT")
     p.add_argument("--image-size", type=int, default=112, help="aligned face size in pixels")
     p.add_argument("--resolution", type=int, default=16, choices=[4, 8, 16, 32, 64], help="stored heatmap R")
-    p.add_argument("--descriptor-dim", type=int, default=256)
+    p.add_argument("--descriptor-dim", type=int, default=64)
     p.add_argument("--all-points", action="store_true", help="descriptor on all 68 points (default: inner 51)")
     p.add_argument("--max-skip-fraction", type=float, default=0.05, help="fail above this fraction of skipped rows")
     p.add_argument("--num-classes", type=int, choices=[7, 8], help="affectnet / ferplus: with contempt (8) or not")

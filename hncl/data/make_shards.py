@@ -169,7 +169,7 @@ def read_heatmaps(out: str, shard_names: List[str], limit: int) -> torch.Tensor:
 
 
 def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_address: Optional[str] = None,
-                max_skip_fraction: float = 0.05, descriptor_dim: int = 256, inner_only: bool = True,
+                max_skip_fraction: float = 0.05, descriptor_dim: int = 64, inner_only: bool = True,
                 seed: int = 0, readers: Optional[int] = None, command: str = "", progress: bool = True,
                 log=print) -> dict:
     """Build (or resume) the shard set `job.out`; returns the manifest."""

@@ -208,13 +208,15 @@ class FANHeatmaps(HeatmapExtractor):
 
     name = "fan"
 
-    def __init__(self, weights: Optional[str] = None, device: str = "cpu", batch_size: int = 32,
+    def __init__(self, weights: Optional[str] = None, device: str = "cpu", batch_size: Optional[int] = None,
                  download: bool = False, network: Optional[torch.nn.Module] = None):
         import face_alignment
         from face_alignment.models.fan import FAN
 
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        # chunks of 32 on a GPU; one at a time on CPU, where larger chunks are measured slower
+        # (3.2 faces/s at 1, 2.1 at 8: the activations stop fitting in cache; docs/PERFORMANCE.md)
+        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 1)
         self._fa_version = getattr(face_alignment, "__version__", "?")
         if network is None:
             self.weights = find_fan_weights(weights, download)
