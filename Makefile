@@ -12,7 +12,7 @@ endif
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.hncl-installed
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo bench clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hncl demo
+
+# the CPU benchmarks of docs/PERFORMANCE.md (about 15 minutes on 2 cores); GPU: benchmarks/gpu_suite.py
+bench: $(STAMP)
+	$(PY) benchmarks/method_overhead.py
+	$(PY) benchmarks/method_overhead.py --world 2 --tag w2
+	$(PY) benchmarks/queue_scaling.py
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/heatmap_extraction.py --faces 8
+	$(PY) benchmarks/ray_scaling.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,8 +7,11 @@ collective.
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
-from typing import List, Tuple
+import tempfile
+from typing import Any, Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -97,3 +100,24 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
+
+
+def _spawn_entry(rank_: int, world: int, port: int, threads: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank_), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        torch.save(fn(*args), os.path.join(out_dir, f"result_{rank_}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn: Callable, world: int, *args: Any, threads: int = 1) -> List[Any]:
+    """Run fn(*args) in `world` fresh processes joined in a gloo group on 127.0.0.1 (used by the
+    tests and benchmarks). Returns the results in rank order; a failing rank raises here with
+    its traceback. fn must be importable (a module-level function)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.start_processes(_spawn_entry, args=(world, free_port(), threads, out_dir, fn, args),
+                                              nprocs=world, join=True, start_method="spawn")
+        return [torch.load(os.path.join(out_dir, f"result_{r}.pt"), weights_only=False) for r in range(world)]

@@ -11,40 +11,19 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import tempfile
 from typing import Any, Callable, List
 
 import pytest
-import torch
 
-from hncl.dist import free_port
+from hncl.dist import free_port, spawn_gloo
 
 
 # --- multi-process gloo ---------------------------------------------------------------------
-def _dist_entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
-                                         timeout=datetime.timedelta(seconds=120))
-    try:
-        result = fn(*args)
-        torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:
-    """Run fn(*args) on `world_size` gloo ranks; a failure on any rank raises here with its
-    traceback."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.start_processes(
-            _dist_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
-            join=True, start_method="spawn")
-        return [torch.load(os.path.join(out_dir, f"result_{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+    """Run fn(*args) on `world_size` gloo ranks (one thread each); a failure on any rank raises
+    here with its traceback."""
+    return spawn_gloo(fn, world_size, *args)
 
 
 @pytest.fixture(name="run_distributed")

@@ -1,0 +1,193 @@
+"""Data pipeline: training samples/s per CPU core, shards against a plain ImageFolder loader.
+
+All variants produce what a training step consumes: two augmented views at --size px (and,
+for ours, the stored heatmap), from the same faces. One process, one thread, no loader workers,
+so the figure is per core. Variants:
+  shards/per-sample views   hncl.data.shards.train_pipeline + torchvision v2 per image (hncl today)
+  shards/batched views      the same decode, then one kornia call per batch for all views
+  shards/decode only        tar + JPEG + heatmap decode and collate, no views (the floor)
+  imagefolder               torchvision ImageFolder + PIL loader, torchvision v2 views per image
+  imagefolder+online heatmaps  the same plus dlib landmarks + heatmap rendering per image (what
+                            precomputing heatmaps into the shards saves)
+plus the parts of one sample: JPEG decode, heatmap decode, one view (torchvision), views (kornia).
+
+    python benchmarks/data_pipeline.py [--faces 1400 --size 64 --batch 64]
+
+Writes benchmarks/results/data_pipeline.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median, table, write  # noqa: E402
+
+from hncl.data.augment import BatchViews, view_transform  # noqa: E402
+from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
+from hncl.data.shards import ShardSet, train_pipeline  # noqa: E402
+
+
+def rate(batches, n_samples: int) -> float:
+    """Samples/s drawing batches until n_samples (first batch excluded: start-up)."""
+    it = iter(batches)
+    first = next(it)
+    seen, t = 0, time.perf_counter()
+    bs = len(first["id"]) if isinstance(first, dict) else len(first[1])
+    while seen < n_samples:
+        next(it)
+        seen += bs
+    return seen / (time.perf_counter() - t)
+
+
+def imagefolder_root(shards: ShardSet, root: str) -> int:
+    """The same JPEG bytes as one file per face in class folders (ImageFolder's layout)."""
+    n = 0
+    for url in shards.urls:
+        with tarfile.open(url) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".jpg"):
+                    meta_name = m.name[:-4] + ".json"
+                    label = __import__("json").loads(tf.extractfile(meta_name).read())["label"]
+                    d = os.path.join(root, f"class{label}")
+                    os.makedirs(d, exist_ok=True)
+                    with open(os.path.join(d, os.path.basename(m.name)), "wb") as f:
+                        f.write(tf.extractfile(m).read())
+                    n += 1
+    return n
+
+
+class TwoViewsPIL:
+    def __init__(self, size: int, online_heatmaps: bool = False):
+        from torchvision.transforms import v2
+
+        self.to_tensor = v2.PILToTensor()
+        self.view = view_transform(size)
+        self.extractor = None
+        if online_heatmaps:
+            from hncl.heatmaps.extractors import DlibHeatmaps
+
+            self.extractor = DlibHeatmaps(detect="auto")
+
+    def __call__(self, im: Image.Image):
+        x = self.to_tensor(im)
+        out = {"x1": self.view(x), "x2": self.view(x)}
+        if self.extractor is not None:
+            from hncl.heatmaps.render import pool_heatmaps
+
+            ex = self.extractor.extract(np.asarray(im)[None])
+            out["heatmap"] = pool_heatmaps(ex.heatmaps)[0]
+        return out
+
+
+def per_sample(fn: Callable, items, repeat: int = 3) -> float:
+    best = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for x in items:
+            fn(x)
+        best.append((time.perf_counter() - t) / len(items))
+    return median(best) * 1000
+
+
+def main(argv=None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--faces", type=int, default=1400)
+    ap.add_argument("--stored", type=int, default=112, help="face size stored in the shards / files")
+    ap.add_argument("--size", type=int, default=64, help="training view size")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=1024, help="samples timed per variant")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from torchvision.datasets import ImageFolder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(ShardJob(source="synthetic", out=os.path.join(tmp, "shards"), split="bench",
+                             source_options=(("num_samples", args.faces), ("seed", 0), ("size", args.stored))),
+                    shard_size=max(64, args.faces // 8), descriptor_dim=64, progress=False, log=lambda m: None)
+        shards = ShardSet.open(os.path.join(tmp, "shards"))
+        imagefolder_root(shards, os.path.join(tmp, "folder"))
+        batch_views = BatchViews(args.size)
+
+        def shards_batched():
+            for b in train_pipeline(shards, args.batch, shuffle_buffer=500):
+                b["x1"], b["x2"] = batch_views(b.pop("image"))
+                yield b
+
+        def folder(online: bool):
+            ds = ImageFolder(os.path.join(tmp, "folder"), transform=TwoViewsPIL(args.size, online))
+            dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=0, drop_last=True)
+            while True:
+                yield from dl
+
+        variants = {
+            "shards/per-sample views": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500,
+                                                              view_transform=view_transform(args.size)),
+            "shards/batched views": shards_batched,
+            "shards/decode only": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500),
+            "imagefolder": lambda: folder(False),
+        }
+        rates: Dict[str, list] = {k: [] for k in variants}
+        for _ in range(args.rounds):  # alternate the variants: shared-machine noise hits all alike
+            for name, make in variants.items():
+                rates[name].append(rate(make(), args.samples))
+                print(f"  {name}: {rates[name][-1]:.0f} samples/s", flush=True)
+        online = rate(folder(True), max(args.batch * 3, args.samples // 8))
+        print(f"  imagefolder+online heatmaps: {online:.0f} samples/s", flush=True)
+
+        # the parts of one sample
+        with tarfile.open(shards.urls[0]) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        jpgs = [v for k, v in members.items() if k.endswith(".jpg")][:200]
+        npys = [v for k, v in members.items() if k.endswith(".heatmap.npy")][:200]
+        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1).contiguous()
+                  for b in jpgs]
+        vt = view_transform(args.size)
+        stack = torch.stack(images[: args.batch])
+        parts = {
+            "jpeg decode": per_sample(lambda b: np.array(Image.open(io.BytesIO(b)).convert("RGB")), jpgs),
+            "heatmap decode": per_sample(lambda b: np.load(io.BytesIO(b), allow_pickle=False), npys),
+            "two views, torchvision per sample": per_sample(lambda im: (vt(im), vt(im)), images),
+            "two views, kornia per batch": per_sample(lambda _: batch_views(stack), [0] * 5) / args.batch,
+        }
+    med = {k: median(v) for k, v in rates.items()}
+    med["imagefolder+online heatmaps"] = online
+    base = med["imagefolder"]
+    write("data_pipeline", {"config": vars(args), "samples_per_s_per_core": med, "rounds": rates,
+                            "ms_per_sample": parts, "ratio_vs_imagefolder": {k: v / base for k, v in med.items()}})
+    _plot(med, base)
+    print(table([[k, round(v), round(v / base, 2)] for k, v in med.items()],
+                ["variant (1 core)", "samples/s", "x ImageFolder"]))
+    print(table([[k, round(v, 3)] for k, v in parts.items()], ["part", "ms per sample"]))
+    return med
+
+
+def _plot(med, base) -> None:
+    from hncl.evaluate.plots import plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = list(med)
+    ax.barh(range(len(names)), [med[n] for n in names], color=["C0", "C2", "C7", "C1", "C3"][: len(names)])
+    ax.set_yticks(range(len(names)), names)
+    ax.axvline(base * 5, ls="--", c="k", lw=0.8)
+    ax.text(base * 5, len(names) - 0.5, " 5x ImageFolder (target)", fontsize=7)
+    ax.set_xlabel("training samples/s, one core")
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.png"), dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
