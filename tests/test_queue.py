@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hncl.loss import HNCLLoss
+from hncl.method import batch_heatmap_neighbours
 from hncl.queue import ShardedNeighborQueue, reshard_states, topk_stable
 
 Q, K, DH, DE = 24, 3, 6, 5
@@ -68,7 +69,8 @@ def _sharded_run(kind, exchange):
         nb = queue.lookup(desc, ids, K)
         z1, z2 = (t.clone().requires_grad_() for t in z)
         p1, p2 = (t.clone().requires_grad_() for t in p)
-        out = loss_fn(z1, z2, p1, p2, nb.embeddings, nb.valid)
+        in_batch = batch_heatmap_neighbours(desc, 2)  # indices into the global (uneven) batch
+        out = loss_fn(z1, z2, p1, p2, nb.embeddings, nb.valid, batch_positives=in_batch)
         out.loss.backward()
         records.append(dict(slots=nb.slots, ids=nb.ids, scores=nb.scores, valid=nb.valid, emb=nb.embeddings,
                             loss=out.loss.detach(), terms=out.terms,
@@ -106,7 +108,9 @@ def test_sharded_lookup_and_loss_equal_single_process_union(run_distributed, wor
         # single process on the concatenated global batch, with the reference's neighbours
         z1, z2, p1, p2 = (torch.cat([b[3][j] if j < 2 else b[4][j - 2] for b in batches]).requires_grad_()
                           for j in range(4))
-        out = loss_fn(z1, z2, p1, p2, torch.cat([e for e, _ in nb_all]), torch.cat([v for _, v in nb_all]))
+        in_batch = batch_heatmap_neighbours(torch.cat([b[0] for b in batches]), 2)
+        out = loss_fn(z1, z2, p1, p2, torch.cat([e for e, _ in nb_all]), torch.cat([v for _, v in nb_all]),
+                      batch_positives=in_batch)
         out.loss.backward()
         rank_losses = torch.stack([results[r][step]["loss"] for r in range(world_size)])
         assert torch.allclose(rank_losses.mean(), out.loss.detach(), atol=1e-12)
