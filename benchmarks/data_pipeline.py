@@ -5,7 +5,8 @@ for ours, the stored heatmap), from the same faces. One process, one thread, no 
 so the figure is per core. Variants:
   shards/per-sample views   hncl.data.shards.train_pipeline + torchvision v2 per image (hncl today)
   shards/batched views      the same decode, then one kornia call per batch for all views
-  shards/decode only        tar + JPEG + heatmap decode and collate, no views (the floor)
+  shards/decode only        tar + JPEG (libjpeg-turbo) + heatmap decode and collate, no views:
+                            what the loader does with data.augment_on=device
   imagefolder               torchvision ImageFolder + PIL loader, torchvision v2 views per image
   imagefolder+online heatmaps  the same plus dlib landmarks + heatmap rendering per image (what
                             precomputing heatmaps into the shards saves)
@@ -36,7 +37,7 @@ from _common import median, table, write  # noqa: E402
 
 from hncl.data.augment import BatchViews, view_transform  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
-from hncl.data.shards import ShardSet, train_pipeline  # noqa: E402
+from hncl.data.shards import ShardSet, decode_jpeg, read_npy, train_pipeline  # noqa: E402
 
 
 def rate(batches, n_samples: int) -> float:
@@ -157,8 +158,10 @@ def main(argv=None) -> Dict:
         vt = view_transform(args.size)
         stack = torch.stack(images[: args.batch])
         parts = {
-            "jpeg decode": per_sample(lambda b: np.array(Image.open(io.BytesIO(b)).convert("RGB")), jpgs),
-            "heatmap decode": per_sample(lambda b: np.load(io.BytesIO(b), allow_pickle=False), npys),
+            "jpeg decode, PIL (ImageFolder)": per_sample(lambda b: np.array(Image.open(io.BytesIO(b)).convert("RGB")), jpgs),
+            "jpeg decode, hncl (simplejpeg)": per_sample(decode_jpeg, jpgs),
+            "heatmap decode, np.load": per_sample(lambda b: np.load(io.BytesIO(b), allow_pickle=False), npys),
+            "heatmap decode, hncl (read_npy)": per_sample(read_npy, npys),
             "two views, torchvision per sample": per_sample(lambda im: (vt(im), vt(im)), images),
             "two views, kornia per batch": per_sample(lambda _: batch_views(stack), [0] * 5) / args.batch,
         }

@@ -27,6 +27,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+try:
+    import simplejpeg
+except ImportError:  # optional speed-up; PIL decodes everything
+    simplejpeg = None
+
 from hncl import storage
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 
@@ -98,15 +103,28 @@ def read_npy(data: bytes) -> np.ndarray:
     return arr.reshape(shape, order="F" if fortran else "C").copy()
 
 
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] RGB. libjpeg-turbo through simplejpeg (2x PIL's speed on
+    112-px faces, identical pixels: docs/PERFORMANCE.md); PIL for what simplejpeg cannot read
+    (CMYK, odd encodings) and to raise a clear error on bytes that are not an image.
+    (torchvision.io's decoders are deprecated in 0.29.)"""
+    if simplejpeg is not None:
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
+
+
 def decode_sample(sample: dict) -> dict:
-    """Raw tar members -> tensors: image uint8 [3, H, W], heatmap uint8 [68, R, R],
+    """Raw tar members -> tensors: image uint8 [3, H, W] (channels-last strides), heatmap uint8 [68, R, R],
     landmarks float32 [68, 2], label (-1 when none), id."""
     for part in ("jpg", "heatmap.npy", "json"):
         if part not in sample:
             raise KeyError(f"{sample.get('__key__')} in {sample.get('__url__')} has no .{part}")
     meta = json.loads(sample["json"])
-    with Image.open(io.BytesIO(sample["jpg"])) as im:  # torchvision.io's decoders are deprecated (0.29)
-        image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(decode_jpeg(sample["jpg"])).permute(2, 0, 1)  # a view: collation copies once
     heatmap = torch.from_numpy(read_npy(sample["heatmap.npy"]))
     lm = sample.get("landmarks.npy")
     landmarks = (torch.from_numpy(read_npy(lm).astype(np.float32))
