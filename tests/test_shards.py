@@ -71,6 +71,30 @@ def test_training_stream_is_endless_fixed_size_and_shuffled(serial_set):
     assert len(set(torch.cat([b["id"] for b in batches]).tolist())) > 60
 
 
+def test_decode_jpeg_matches_pil_and_falls_back_for_what_libjpeg_turbo_cannot_read():
+    import io
+
+    from PIL import UnidentifiedImageError
+
+    from hncl.data.shards import decode_jpeg
+
+    face = SyntheticFaces(1, 1, size=112, seed=3)[0].image
+    for mode in ("RGB", "CMYK", "L"):  # CMYK: simplejpeg refuses RGB output -> PIL converts
+        buf = io.BytesIO()
+        Image.fromarray(face).convert(mode).save(buf, format="JPEG", quality=90)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            want = np.array(im.convert("RGB"))
+        got = decode_jpeg(buf.getvalue())
+        assert got.shape == (112, 112, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - want).max() <= 1, mode
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, format="JPEG")
+    with pytest.raises(OSError):  # truncated: an error for the skip counter, never a half-grey face
+        decode_jpeg(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(UnidentifiedImageError):
+        decode_jpeg(b"these bytes are not an image")
+
+
 def test_read_npy_equals_np_load_and_rejects_bad_bytes():
     import io
 
