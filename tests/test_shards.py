@@ -136,6 +136,16 @@ def test_batch_views_match_the_per_image_recipe_in_shape_and_statistics():
         assert float(t.min()) >= lo - 1e-4 and float(t.max()) <= hi + 1e-4
 
 
+def test_training_stream_is_reproducible_for_a_seed(serial_set):
+    def ids(seed):
+        torch.manual_seed(0)  # the loader workers' seeds derive from the process's torch seed
+        it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=8, seed=seed), num_workers=2))
+        return torch.cat([next(it)["id"] for _ in range(6)]).tolist()
+
+    assert ids(5) == ids(5)
+    assert ids(5) != ids(6)
+
+
 def _shard_hashes(root):
     return [s["sha256"] for s in verify(str(root))["shards"]]
 

@@ -197,9 +197,11 @@ def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buf
     sample carries `views` augmented views x1, x2 (made in the loader workers) instead of its image."""
     counter = counter or SkipCounter()
     stages = [
-        wds.ResampledShards(shards.urls, seed=seed),
+        # deterministic: by default webdataset mixes the clock into both RNGs, so runs with one
+        # seed differed. Shard draws are seeded per (seed, rank, loader worker), the buffer by seed.
+        wds.ResampledShards(shards.urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=counter.handler),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), handler=counter.handler),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, handler=counter.handler),
         wds.map(decode_sample, handler=counter.handler),
     ]
     if view_transform is not None:
