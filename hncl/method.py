@@ -32,10 +32,11 @@ from hncl.queue import ShardedNeighborQueue, topk_stable
 def batch_heatmap_neighbours(desc: torch.Tensor, n: int) -> torch.Tensor:
     """[B, n] global-batch indices of each local sample's n nearest heatmap descriptors among
     all ranks' samples (itself excluded; -1 where the global batch is too small)."""
+    local = F.normalize(desc.float(), dim=1)
     sizes = hdist.gather_sizes(desc.shape[0], desc.device)
-    desc_all = hdist.all_gather_rows(F.normalize(desc.float(), dim=1), sizes)
+    desc_all = hdist.all_gather_rows(local, sizes)
     offset = sum(sizes[: hdist.rank()])
-    sim = F.normalize(desc.float(), dim=1) @ desc_all.T
+    sim = local @ desc_all.T
     own = torch.arange(desc.shape[0], device=desc.device) + offset
     sim[torch.arange(desc.shape[0], device=desc.device), own] = float("-inf")
     m = min(n, desc_all.shape[0] - 1)
@@ -118,10 +119,10 @@ class HNCL:
             known = valid & (n.labels >= 0) & (labels.unsqueeze(1) >= 0)
             stats += [known.sum(), (known & (n.labels == labels.unsqueeze(1))).sum()]
             if batch_pos is not None:
-                labels_all = hdist.all_gather_rows(labels.to(batch_pos.device))
-                pos_labels = torch.where(batch_pos >= 0, labels_all[batch_pos.clamp(min=0)], -1)
-                known_b = (pos_labels >= 0) & (labels.to(batch_pos.device).unsqueeze(1) >= 0)
-                stats += [known_b.sum(), (known_b & (pos_labels == labels.to(batch_pos.device).unsqueeze(1))).sum()]
+                mine = labels.to(batch_pos.device)
+                pos_labels = torch.where(batch_pos >= 0, hdist.all_gather_rows(mine)[batch_pos.clamp(min=0)], -1)
+                known_b = (pos_labels >= 0) & (mine.unsqueeze(1) >= 0)
+                stats += [known_b.sum(), (known_b & (pos_labels == mine.unsqueeze(1))).sum()]
         s = hdist.all_reduce_sum(torch.stack([t.double() for t in stats]))
         out = {"queue_fill": float(s[2]) / self.queue.capacity,
                "nn_score": float(s[1] / s[0]) if s[0] > 0 else float("nan")}

@@ -143,7 +143,7 @@ def test_batch_heatmap_neighbours_index_the_global_batch(run_distributed):
     assert torch.equal(torch.cat(parts), batch_heatmap_neighbours(desc, 3))
 
 
-def test_batch_neighbour_positives_report_their_purity_and_lower_the_loss_of_matching_pairs():
+def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
     model = tiny_model()
     queue = ShardedNeighborQueue(8, 12, 2)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -152,7 +152,13 @@ def test_batch_neighbour_positives_report_their_purity_and_lower_the_loss_of_mat
              "label": torch.tensor([0, 0, 1, 2])}
     loss, m = HNCL(model, queue, HNCLLoss(TAU), topk=1, batch_neighbours=1).training_step(batch)
     assert m["batch_nn_purity"] == pytest.approx(0.5)  # 0<->1 agree, 2<->3 do not
-    assert "loss_batch_nn" in m and torch.isfinite(loss)
+    # the term is the pairs' multi-positive InfoNCE, and it is part of the loss (empty queue: no nn term)
+    with torch.no_grad():
+        z1, p1, z2, p2 = model(x, x.flip(-1))
+    pos = torch.tensor([[1], [0], [3], [2]])
+    want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU) + multi_positive_nce(z2, p1, pos, TAU)).mean()
+    assert m["loss_batch_nn"] == pytest.approx(float(want), rel=1e-5)
+    assert float(loss) == pytest.approx(m["loss_view"] + m["loss_batch_nn"], rel=1e-5)
     with pytest.raises(ValueError, match="heatmap queue"):
         HNCL(model, None, HNCLLoss(TAU), batch_neighbours=2)
 
