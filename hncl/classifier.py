@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hncl.data.augment import MEAN, STD
+from hncl.errors import InputError
 from hncl.model import ResNetEncoder, load_encoder_weights
 
 
@@ -86,7 +87,7 @@ def load_classifier(path: str) -> Tuple[FERClassifier, dict]:
         path = os.path.join(path, "classifier.safetensors")
     meta_path = os.path.join(os.path.dirname(path), "classifier.json")
     if not os.path.exists(path) or not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no classifier at {path} (needs classifier.safetensors and classifier.json; "
+        raise InputError(f"no classifier at {path} (needs classifier.safetensors and classifier.json; "
                                 f"made by `hncl finetune`)")
     with open(meta_path) as f:
         meta = json.load(f)

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from hncl.config import ConfigError, load_config, to_yaml
+from hncl.config import load_config, to_yaml
+from hncl.errors import one_line, user_error_in
+from hncl.heatmaps.detect import DETECT_MODES
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +35,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         contact_sheet([ds[i] for i in range(min(n, len(ds)))], args.preview)
         print(f"wrote {args.preview}: {min(n, len(ds))} synthetic faces with landmarks")
         return 0
-    from hncl.data.make_shards import MakeShardsError, ShardJob, make_shards
+    from hncl.data.make_shards import ShardJob, make_shards
 
     if not args.out:
         print("hncl make-shards: --out DIR_OR_S3_URL is required", file=sys.stderr)
@@ -57,16 +59,25 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
                     max_skip_fraction=args.max_skip_fraction, descriptor_dim=args.descriptor_dim,
                     inner_only=not args.all_points, seed=args.seed, readers=args.readers,
                     command=" ".join(["hncl", "make-shards", *sys.argv[2:]]), progress=not args.quiet)
-    except (MakeShardsError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:  # a bad option value (e.g. --shard-size 0)
         print(f"hncl make-shards: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def _named_run(args: argparse.Namespace, default_name) -> list:
+    """The overrides, plus run.name=default_name(cfg) unless the command line sets run.name:
+    finetune and evaluate get folders of their own instead of the config's pretraining run."""
+    if any(o.split("=", 1)[0].strip() == "run.name" for o in args.overrides):
+        return list(args.overrides)
+    return [*args.overrides, f"run.name={default_name(load_config(args.config, args.overrides))}"]
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from hncl import preflight
+
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.train_shards:
-        raise ConfigError("config error: data.train_shards is not set (a shard set from hncl make-shards)")
+    preflight.pretrain(cfg)
     from hncl.train.launch import pretrain_local, pretrain_ray
 
     if args.debug:
@@ -79,9 +90,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from hncl import preflight
     from hncl.finetune import finetune_loop
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _named_run(args, lambda c: f"{c.run.name}-{c.finetune.protocol.value}"))
+    preflight.finetune(cfg)
+    preflight.own_run_dir(cfg, "finetune")
     config = {"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "session": "local"}
     if args.debug:
         finetune_loop(config)
@@ -93,23 +107,34 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from hncl import preflight
     from hncl.finetune import evaluate
 
-    evaluate(load_config(args.config, args.overrides))
+    def default_name(c) -> str:
+        return os.path.basename(os.path.normpath(c.finetune.checkpoint or "model")) + "-eval"
+
+    cfg = load_config(args.config, _named_run(args, default_name))
+    preflight.evaluate(cfg)
+    preflight.own_run_dir(cfg, "evaluate")
+    evaluate(cfg)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from hncl.predict import format_table, predict, write_rows
 
-    rows, problems = predict(args.checkpoint, args.target, align=args.align)
+    rows = predict(args.checkpoint, args.target, align=args.align)
     print(format_table(rows))
-    for p in problems:
-        print(f"skipped {p}", file=sys.stderr)
+    classified = sum(r["status"] == "ok" for r in rows)
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"not classified: {r['file']}: {r['status']}", file=sys.stderr)
     if args.out:
         write_rows(rows, args.out)
-        print(f"wrote {len(rows)} predictions to {args.out}")
-    return 0 if rows or not problems else 1
+        print(f"wrote {len(rows)} rows ({classified} classified) to {args.out}")
+    return 0 if classified or not rows else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -154,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="local processes (ignored with --ray)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run shards as Ray tasks: 'auto', 'local' or ray://HOST:PORT")
+    p.add_argument("--ray", metavar="ADDRESS", help="run shards as Ray tasks on a cluster: its address (HOST:PORT, ray://HOST:PORT), 'auto' (the "
+                   "cluster $RAY_ADDRESS names or the one running on this machine) or 'local' (a private instance)")
     p.add_argument("--image-size", type=int, default=112, help="aligned face size in pixels")
     p.add_argument("--resolution", type=int, default=16, choices=[4, 8, 16, 32, 64], help="stored heatmap R")
     p.add_argument("--descriptor-dim", type=int, default=64)
@@ -165,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="fan: torch device")
     p.add_argument("--fan-weights", metavar="FILE", help="fan: 2DFAN4 weights file")
     p.add_argument("--download", action="store_true", help="fan: download weights if missing")
-    p.add_argument("--dlib-detect", default="auto", choices=["auto", "never", "always"])
+    p.add_argument("--dlib-detect", default="always", choices=list(DETECT_MODES),
+                   help="dlib: how faces are found. " + "; ".join(f"{k}: {v}" for k, v in DETECT_MODES.items()))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--preview", metavar="FILE", help="only write a PNG contact sheet of synthetic faces with landmarks")
     p.set_defaults(func=_cmd_make_shards)
@@ -176,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the same loop in this process without Ray (also one rank per process under torchrun).")
     _add_config_args(p)
     p.add_argument("--debug", action="store_true", help="run in this process, no Ray")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray instance)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("finetune", help="linear probe or fine-tune an encoder on labelled FER shards",
@@ -185,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "metrics.json, confusion_matrix.png, curves.png and classifier.safetensors to the run directory.")
     _add_config_args(p)
     p.add_argument("--debug", action="store_true", help="run in this process, no Ray")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray instance)")
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix, kNN and neighbour diagnostics",
@@ -195,12 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict expressions for an image or a folder of images",
-                       description="Per image: the predicted expression and class probabilities. Unreadable "
-                       "files are reported and skipped.")
+                       description="Per image: the predicted expression and class probabilities, or a status "
+                       "saying why there is none (unreadable file; with --align dlib: no face detected).")
     p.add_argument("target", metavar="IMAGE_OR_DIR")
     p.add_argument("--checkpoint", required=True, help="classifier.safetensors (or its folder)")
     p.add_argument("--align", default="none", choices=["none", "dlib"],
-                   help="none: centre square crop + resize; dlib: align on eyes and nose like make_shards")
+                   help="none: centre square crop + resize (every image is taken to be a face); dlib: find "
+                   "the face (largest of several) and align it on eyes and nose like make_shards")
     p.add_argument("--out", help="write predictions as .json or .csv")
     p.set_defaults(func=_cmd_predict)
 
@@ -229,8 +257,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except Exception as e:  # what the user can fix is one line; anything else is a bug: traceback
+        cause = user_error_in(e)
+        if cause is None:
+            raise
+        message = one_line(cause)
+        if not message.startswith("config error"):
+            message = f"error: {message}"
+        print(f"hncl {args.command}: {message}", file=sys.stderr)
         return 1
 
 

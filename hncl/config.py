@@ -17,8 +17,10 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from hncl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user in one line that names the field."""
 
 
@@ -226,8 +228,48 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise  # unreachable
 
 
+# Every config field that names a local file or folder. Ray Train starts each worker in a
+# directory of its own, so these are made absolute once, in the process that reads the config
+# (the driver), before anything is sent to a worker; URLs (s3://...) stay as they are.
+PATH_KEYS = ("model.init_weights", "data.train_shards", "data.eval_shards", "run.output_dir",
+             "finetune.train_shards", "finetune.test_shards", "finetune.init", "finetune.checkpoint")
+
+
+def resolve_path(value: Optional[str], base: Optional[str] = None) -> Optional[str]:
+    """A local path made absolute against `base` (default: the working directory, with ~
+    expanded); URLs, None and the word 'none' unchanged."""
+    if not value or value == "none" or "://" in value:
+        return value
+    return os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(value)))
+
+
+def _in_ray_job_working_dir() -> bool:
+    """True in the driver of `ray job submit --working-dir`: its working directory is a copy
+    of the uploaded folder inside the head node's Ray session, deleted with the session."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def resolve_paths(cfg: DictConfig, base: Optional[str] = None) -> None:
+    out = cfg.run.output_dir
+    if out and "://" not in out and not os.path.isabs(os.path.expanduser(out)) and _in_ray_job_working_dir():
+        raise ConfigError(f"config error: run.output_dir={out} is a relative path: under `ray job submit "
+                          f"--working-dir` it would land in the job's temporary copy of the working directory "
+                          f"on the head node. Set run.output_dir to s3://... or an absolute path on storage "
+                          f"every node shares")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        cfg[section][name] = resolve_path(cfg[section][name], base)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults <- YAML file <- dotted overrides, typed and validated."""
+    """Defaults <- YAML file <- dotted overrides, typed and validated, local paths absolute
+    (resolved against the working directory: see PATH_KEYS)."""
     cfg: DictConfig = OmegaConf.structured(Config)
     if path is not None:
         if not os.path.exists(path):
@@ -246,6 +288,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         except OmegaConfBaseException as e:
             raise ConfigError(f"config error: cannot parse overrides: {e}") from None
         cfg = _merge(cfg, dot, "command line")
+    resolve_paths(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -294,6 +337,14 @@ def validate(cfg: DictConfig) -> None:
     _check(ft.lr > 0, "finetune.lr", ft.lr, "must be > 0")
     _check(cfg.dist.strategy == Strategy.deepspeed or cfg.dist.zero_stage == 0, "dist.zero_stage",
            cfg.dist.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
+    # combinations that cannot run: refused here, before any worker starts
+    _check(me.batch_neighbours == 0 or me.nn_space != NNSpace.heatmap or me.nn_weight > 0, "method.batch_neighbours",
+           me.batch_neighbours, "the in-batch heatmap positives are weighted by method.nn_weight, which is 0: "
+           "set method.batch_neighbours=0 or method.nn_weight > 0")
+    _check(cfg.dist.precision != Dtype.float64, "dist.precision", "float64",
+           "allowed values: float32, bfloat16, float16 (float64 is for method.queue_dtype)")
+    _check(not (m.sync_bn and cfg.dist.strategy == Strategy.deepspeed), "model.sync_bn", True,
+           "SyncBatchNorm is for dist.strategy=ddp; DeepSpeed keeps per-rank BatchNorm")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -81,10 +81,9 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
     common = {"data.train_shards": train, "run.output_dir": os.path.join(out, "runs"), "run.seed": seed,
               "data.steps_per_epoch": steps, "dist.num_workers": workers, "data.batch_size": base * 2 // workers}
     if not debug:
-        import ray
+        from hncl.raycluster import connect_ray
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        log(f"[demo] Ray: {connect_ray(num_cpus=2)}")
     results: Dict[str, Dict] = {}
     for i, (name, method) in enumerate(METHODS.items(), 1):
         run_dir = os.path.join(out, "runs", name)

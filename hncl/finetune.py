@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from hncl import dist as hdist
 from hncl import storage
+from hncl.config import ConfigError
 from hncl.classifier import FERClassifier, build_classifier, load_classifier, preprocess, save_classifier
 from hncl.data.augment import MEAN, STD
 from hncl.data.shards import ShardSet, eval_pipeline, iterate_forever, loader, train_pipeline
@@ -117,13 +118,17 @@ def finetune_loop(config: dict) -> dict:
     cfg = typed_config(config["cfg"])
     if config.get("session") != "ray":
         init_local_process_group()
+    with hdist.torch_threads(cfg.dist.cpus_per_worker):
+        return _finetune_run(cfg)
+
+
+def _finetune_run(cfg) -> dict:
     ft = cfg.finetune
     rank, world = hdist.rank(), hdist.world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.dist.use_gpu else torch.device("cpu")
-    torch.set_num_threads(max(1, cfg.dist.cpus_per_worker))
     for key in ("train_shards", "test_shards"):
         if not ft[key]:
-            raise ValueError(f"config error: finetune.{key} is not set (a labelled shard set)")
+            raise ConfigError(f"config error: finetune.{key} is not set (a labelled shard set)")
     train_set, test_set = ShardSet.open(ft.train_shards), ShardSet.open(ft.test_shards)
     run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
     torch.manual_seed(cfg.run.seed)
@@ -279,7 +284,7 @@ def evaluate(cfg) -> dict:
     against finetune.train_shards and the neighbour diagnostics."""
     ft = cfg.finetune
     if not ft.checkpoint or not ft.test_shards or not ft.train_shards:
-        raise ValueError("config error: evaluate needs finetune.checkpoint, finetune.train_shards and "
+        raise ConfigError("config error: evaluate needs finetune.checkpoint, finetune.train_shards and "
                          "finetune.test_shards")
     model, meta = load_classifier(ft.checkpoint)
     spec = {k: meta[k] for k in ("arch", "width", "stem")}

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from hncl.errors import InputError, UserError
+
 _ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 
@@ -99,10 +101,14 @@ class HNCLModel(nn.Module):
         return z1, p1, z2, p2
 
 
+class WeightsError(UserError, ValueError):
+    """A weights file that cannot be read, or does not fit the encoder."""
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Tensors from .safetensors or a torch file, never unpickling arbitrary objects."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise InputError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -110,13 +116,13 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read weights from {path} as a plain tensor state dict "
+        raise WeightsError(f"cannot read weights from {path} as a plain tensor state dict "
                          f"(pickled objects are refused): {str(e).splitlines()[0]}") from None
     for key in ("state_dict", "model", "encoder"):  # common checkpoint nestings
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise WeightsError(f"{path} does not hold a state dict")
     return obj
 
 
@@ -136,11 +142,11 @@ def load_encoder_weights(encoder: ResNetEncoder, source) -> None:
     own = {k for k in encoder.state_dict() if not k.startswith("fc.")}
     missing, extra = sorted(own - cleaned.keys()), sorted(cleaned.keys() - own)
     if missing or extra:
-        raise ValueError(f"encoder weights do not fit {encoder.arch} width {encoder.width}: "
+        raise WeightsError(f"encoder weights do not fit {encoder.arch} width {encoder.width}: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
     bad = [k for k in own if cleaned[k].shape != encoder.state_dict()[k].shape]
     if bad:
-        raise ValueError(f"encoder weights have wrong shapes for {bad[:5]} "
+        raise WeightsError(f"encoder weights have wrong shapes for {bad[:5]} "
                          f"(arch {encoder.arch}, width {encoder.width})")
     encoder.load_state_dict(cleaned, strict=False)

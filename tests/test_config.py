@@ -1,5 +1,6 @@
 """Config loading, overrides, validation, and the CLI surface."""
 
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,63 @@ def test_make_shards_preview_writes_a_contact_sheet(tmp_path):
     assert main(["make-shards", "--source", "synthetic", "--num-samples", "10", "--preview", str(out)]) == 0
     assert Image.open(out).size == (8 * 112, 2 * (112 + 14))
     assert main(["make-shards", "--source", "synthetic"]) == 2  # no --out: refused with a message
+
+
+@pytest.mark.parametrize("overrides, must_contain", [
+    # would crash in every worker: the in-batch term is weighted by nn_weight, and no queue is built
+    (["method.nn_weight=0", "method.batch_neighbours=5"], ["method.batch_neighbours=5", "method.nn_weight"]),
+    (["dist.precision=float64"], ["dist.precision", "float32, bfloat16, float16"]),
+    (["model.sync_bn=true", "dist.strategy=deepspeed"], ["model.sync_bn", "dist.strategy=ddp"]),
+])
+def test_combinations_that_cannot_run_are_refused_naming_the_fields(overrides, must_contain):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value) and all(part in str(err.value) for part in must_contain)
+
+
+def test_local_paths_are_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train_shards=shards/x", "finetune.init=none", "finetune.test_shards=s3://b/t",
+                             "model.init_weights=~/w.pth", "finetune.checkpoint=../probe"])
+    assert cfg.data.train_shards == str(tmp_path / "shards" / "x")
+    assert cfg.run.output_dir == str(tmp_path / "runs")  # the default, too
+    assert cfg.finetune.init == "none" and cfg.finetune.test_shards == "s3://b/t"
+    assert cfg.model.init_weights == os.path.expanduser("~/w.pth")
+    assert cfg.finetune.checkpoint == str(tmp_path.parent / "probe")
+    assert cfg.finetune.train_shards is None and cfg.data.eval_shards is None
+
+
+def test_a_relative_output_dir_is_refused_inside_a_ray_job_working_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}')
+    with pytest.raises(ConfigError, match=r"run.output_dir=runs is a relative path.*ray job submit.*s3://"):
+        load_config(None, [])
+    cfg = load_config(None, ["run.output_dir=s3://bucket/runs", "data.train_shards=shards/x"])
+    assert cfg.data.train_shards == str(tmp_path / "shards" / "x")  # inputs: the uploaded copy
+    assert load_config(None, [f"run.output_dir={tmp_path}/r"]).run.output_dir == f"{tmp_path}/r"
+
+
+@pytest.mark.parametrize("argv, must_contain", [
+    (["pretrain", "--config", "configs/debug.yaml", "data.train_shards=nope/set"],
+     "data.train_shards: {cwd}/nope/set is not a finished shard set"),
+    (["pretrain", "--config", "configs/debug.yaml", "--debug"], "data.train_shards is not set"),
+    (["finetune", "--debug", "finetune.train_shards=nope/a", "finetune.test_shards=nope/b"],
+     "finetune.train_shards: {cwd}/nope/a is not a finished shard set"),
+    (["evaluate", "finetune.train_shards=a", "finetune.test_shards=b"], "finetune.checkpoint is not set"),
+    (["predict", "photos/", "--checkpoint", "runs/probe"], "no classifier at runs/probe"),
+    (["export", "--checkpoint", "runs/probe", "--out", "x"], "no classifier at runs/probe"),
+    (["make-shards", "--source", "folder", "--input", "nope", "--out", "x"], "nope is not a directory"),
+])
+def test_every_cli_error_a_user_can_cause_is_one_line_and_exit_1(argv, must_contain, tmp_path, monkeypatch):
+    """Missing inputs are found in the driver, before Ray starts (pretrain without --debug
+    here would otherwise start Ray and print a traceback per worker and retry)."""
+    for path in ("configs",):
+        os.symlink(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path),
+                   tmp_path / path)
+    monkeypatch.chdir(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "hncl.cli", *argv], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    assert run.returncode == 1, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hncl {argv[0]}: ") and must_contain.format(cwd=tmp_path) in lines[0], lines
+    assert "Traceback" not in run.stderr and "ray" not in run.stderr.lower()

@@ -11,6 +11,7 @@ import torch
 
 from hncl.config import load_config
 from hncl.data.make_shards import ShardJob, make_shards
+from hncl.errors import UserError
 from hncl.model import ResNetEncoder, load_encoder_weights
 from hncl.queue import state_digest
 
@@ -158,17 +159,30 @@ def test_ray_deepspeed_zero(shard_set, tmp_path, ray_local, stage, request):
     check_encoder(run_dir)
 
 
-def test_ray_job_submit_runs_cluster_train_py(shard_set, tmp_path, ray_local):
+def test_ray_job_submit_runs_cluster_train_py_with_paths_relative_to_the_working_dir(shard_set, tmp_path, ray_local):
+    """The driver of `ray job submit --working-dir` runs in Ray's copy of the folder: a relative
+    shard path means the copy's shards, which every worker must then find (Train starts each
+    worker in a directory of its own)."""
+    import shutil
+
     _, dashboard, _ = ray_local
+    work = tmp_path / "project"
+    shutil.copytree(shard_set, work / "data" / "synth")
+    shutil.copytree(os.path.join(REPO, "configs"), work / "configs")
+    shutil.copytree(os.path.join(REPO, "cluster"), work / "cluster")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    args = overrides(shard_set, tmp_path, "job", steps=4, **{"dist.num_workers": 1})
+    args = overrides("data/synth", tmp_path / "runs", "job", steps=4, **{"dist.num_workers": 1})
     job = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
-                          dashboard, "--working-dir", REPO, "--", "python", "cluster/train.py", "--config",
-                          "configs/debug.yaml", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          dashboard, "--working-dir", str(work), "--", "python", "cluster/train.py", "--config",
+                          "configs/debug.yaml", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert "succeeded" in job.stdout.lower()
     assert "[hncl] step 4" in job.stdout + job.stderr  # the job's logs show training
-    assert [m["step"] for m in read_metrics(str(tmp_path / "job"))] == [2, 4]
+    assert "Ray Train on the Ray cluster at" in job.stdout  # the job's own cluster ($RAY_ADDRESS)
+    run_dir = str(tmp_path / "runs" / "job")
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 4]
+    used = load_config(os.path.join(run_dir, "config.yaml")).data.train_shards
+    assert os.path.isabs(used) and used.endswith("/data/synth") and not used.startswith(str(work))
 
 
 def _resume_on_two_ranks(cfg_dict):
@@ -177,7 +191,7 @@ def _resume_on_two_ranks(cfg_dict):
     try:
         train_loop_per_worker({"cfg": cfg_dict, "session": "local"})
         return "ok"
-    except RuntimeError as e:
+    except UserError as e:
         return str(e)
 
 

@@ -26,8 +26,10 @@ import torch
 from tqdm import tqdm
 
 from hncl import __version__, storage
+from hncl.dist import torch_threads
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
+from hncl.errors import UserError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.extractors import get_extractor
 
@@ -35,7 +37,7 @@ FORMAT = "hncl-shards/1"
 DESCRIPTOR_SAMPLES = 4096
 
 
-class MakeShardsError(RuntimeError):
+class MakeShardsError(UserError, RuntimeError):
     """make_shards could not finish; finished shards are kept and a rerun resumes."""
 
 
@@ -69,10 +71,10 @@ def _sidecar(job: ShardJob, name: str) -> str:
 
 def run_shard(job: ShardJob, index: int, start: int, stop: int) -> dict:
     """Build, move into place and mark done one shard. Runs in any worker."""
-    torch.set_num_threads(1)
     source, processor = _worker_state(job)
     tmp_dir = None if storage.is_remote(job.out) else job.out  # same filesystem: the rename is atomic
-    path, stats = build_shard(source, processor, index, start, stop, job.source, job.batch_size, tmp_dir)
+    with torch_threads(1):
+        path, stats = build_shard(source, processor, index, start, stop, job.source, job.batch_size, tmp_dir)
     storage.put_file(path, storage.join(job.out, stats.name))
     storage.write_json(_sidecar(job, stats.name), asdict(stats))
     return asdict(stats)
@@ -116,8 +118,9 @@ def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Option
         if ray_address:
             import ray
 
-            if not ray.is_initialized():
-                ray.init(address=None if ray_address == "local" else ray_address)
+            from hncl.raycluster import connect_ray
+
+            connect_ray(ray_address)  # 'auto': the cluster on this machine; 'local': a private instance
             gpus = 1 if job.extractor == "fan" and dict(job.extractor_options).get("device", "cpu") != "cpu" else 0
             task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(run_shard)
             pending = {task.remote(job, *p): p for p in todo}
@@ -196,6 +199,14 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
         for reason, n in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     n_skipped = sum(skipped.values())
+    noted: Dict[str, int] = {}
+    for s in stats:
+        for what, n in s.get("noted", {}).items():
+            noted[what] = noted.get(what, 0) + n
+    if noted:  # kept, but the user should know (e.g. which face of a group photo was used)
+        log("kept with a note: " + ", ".join(f"{w}: {n}" for w, n in sorted(noted.items())))
+        for e in [e for s in stats for e in s.get("noted_examples", [])][:5]:
+            log(f"  e.g. {e}")
     if n_skipped:
         examples = [e for s in stats for e in s["skipped_examples"]][:5]
         log(f"skipped {n_skipped} of {len(source)} rows: " + ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())))
@@ -232,7 +243,7 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
                     "rows": [s["start"], s["stop"]]} for s in stats],
         "splits": {job.split: total}, "classes": list(CLASSES),
         "class_counts": {c: n for c, n in class_counts.items() if n or c != "contempt"},
-        "labelled": sum(class_counts.values()), "skipped": skipped, "excluded": dict(source.excluded),
+        "labelled": sum(class_counts.values()), "skipped": skipped, "noted": noted, "excluded": dict(source.excluded),
         "source": {"name": job.source, "input": job.input, "split": job.split, **dict(job.source_options)},
         "extractor": {"name": job.extractor, "version": extractor.version},
         "image_size": job.image_size, "heatmap_resolution": job.resolution,

@@ -33,6 +33,7 @@ except ImportError:  # optional speed-up; PIL decodes everything
     simplejpeg = None
 
 from hncl import storage
+from hncl.errors import InputError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class ShardSet:
         root = root.rstrip("/")
         url = storage.join(root, "manifest.json")
         if not storage.exists(url):
-            raise FileNotFoundError(f"{root} is not a finished shard set (no manifest.json); "
+            raise InputError(f"{root} is not a finished shard set (no manifest.json); "
                                     f"build or resume it with `hncl make-shards ... --out {root}`")
         return cls(root, storage.read_json(url))
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from hncl.raycluster import connect_ray
 from hncl.train.loop import init_local_process_group, run_dir_of, train_loop_per_worker
 
 
@@ -17,20 +18,17 @@ def _container(cfg) -> dict:
 def pretrain_local(cfg) -> dict:
     """Debug mode: the same loop in this process, no Ray (breakpoints work). Under torchrun,
     each process is one rank of a gloo/nccl group."""
-    if cfg.dist.strategy.value == "deepspeed" and "RANK" not in os.environ:
-        # DeepSpeed looks for MPI unless the torch.distributed variables are set
-        from hncl.dist import free_port
+    config = {"cfg": _container(cfg), "session": "local"}
+    if cfg.dist.strategy.value != "deepspeed":
+        init_local_process_group()  # under torchrun; a single plain process needs none
+        return train_loop_per_worker(config)
+    # DeepSpeed looks for MPI unless the torch.distributed variables are set, and needs a group
+    from hncl.dist import free_port, local_process_group
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    if cfg.dist.strategy.value == "deepspeed":
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cfg.dist.use_gpu else "gloo")
-    else:
-        init_local_process_group()
-    return train_loop_per_worker({"cfg": _container(cfg), "session": "local"})
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    with local_process_group("nccl" if cfg.dist.use_gpu else "gloo", env):
+        return train_loop_per_worker(config)
 
 
 def _storage(output_dir: str):
@@ -60,11 +58,12 @@ def run_on_ray(cfg, loop, address: Optional[str] = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    where = connect_ray(address)
     storage_path, filesystem = _storage(cfg.run.output_dir)
     use_gpu = bool(cfg.dist.use_gpu)
-    env = {"OMP_NUM_THREADS": str(cfg.dist.cpus_per_worker)}
+    # Train V2 patches print() in its workers to log through Train's logger *and*, because Ray
+    # wraps the workers' stdout, to print as well: every [hncl] line would appear twice
+    env = {"OMP_NUM_THREADS": str(cfg.dist.cpus_per_worker), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
@@ -82,7 +81,8 @@ def run_on_ray(cfg, loop, address: Optional[str] = None) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
     )
-    print(f"[hncl] Ray Train: {cfg.dist.num_workers} workers; run directory {run_dir_of(cfg)}", flush=True)
+    print(f"[hncl] Ray Train on {where}: {cfg.dist.num_workers} workers; run directory {run_dir_of(cfg)}",
+          flush=True)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

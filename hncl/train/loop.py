@@ -30,6 +30,7 @@ from hncl import storage
 from hncl.config import Config, validate
 from hncl.data.augment import BatchViews, view_transform
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
+from hncl.errors import UserError
 from hncl.method import build_hncl
 from hncl.model import HNCLModel
 from hncl.queue import reshard_states
@@ -38,7 +39,7 @@ from hncl.train.optim import build_optimizer, warmup_cosine
 from hncl.train.session import LocalSession, RaySession, Session
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN/inf: the run stops; the last good checkpoint is left intact."""
 
 
@@ -59,7 +60,7 @@ def run_dir_of(cfg) -> str:
 def _device(cfg) -> torch.device:
     if cfg.dist.use_gpu:
         if not torch.cuda.is_available():
-            raise RuntimeError("dist.use_gpu=true but this worker sees no CUDA device")
+            raise UserError("dist.use_gpu=true but this worker sees no CUDA device")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -91,15 +92,19 @@ def _deepspeed_config(cfg, batch_size: int) -> dict:
     precision = _value(cfg.dist.precision)
     ds = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": cfg.dist.zero_stage},
+          # our own torch optimiser (SGD, AdamW, LARS) is handed to DeepSpeed; ZeRO partitions any
+          # torch optimiser's state, but refuses those outside its own list unless told
+          "zero_allow_untested_optimizer": True,
           "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if cfg.optim.grad_clip:
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    # BatchNorm buffers must follow the half-precision parameters or the forward fails
     if precision == "bfloat16":
-        # BatchNorm buffers must follow the bf16 parameters or the forward fails
         ds["bf16"] = {"enabled": True}
         ds["data_types"] = {"buffer_dtype": "bf16"}
     elif precision == "float16":
         ds["fp16"] = {"enabled": True}
+        ds["data_types"] = {"buffer_dtype": "fp16"}
     return ds
 
 
@@ -148,6 +153,9 @@ class Trainer:
             dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
             autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
         self.scaler = torch.amp.GradScaler("cuda") if autocast and precision == "float16" else None
+        # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs: the views must follow
+        self.input_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision) \
+            if self.engine is not None else None
         self.hncl = build_hncl(cfg, wrapped, self.device, self.descriptor, key_dim=self.descriptor.dim,
                                autocast=autocast)
         self.run_dir = run_dir_of(cfg)
@@ -185,7 +193,7 @@ class Trainer:
         with open(os.path.join(folder, "train_state.json")) as f:
             state = json.load(f)
         if state["strategy"] != self.strategy:
-            raise RuntimeError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "
+            raise UserError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "
                                f"this run uses {self.strategy}. Use a new run.name.")
         if self.engine is not None:
             self.engine.load_checkpoint(folder, tag="deepspeed")
@@ -226,13 +234,13 @@ class Trainer:
     def _restore_queue(self, folder: str, saved_world: int) -> None:
         files = sorted(glob.glob(os.path.join(folder, "queue_rank*.pt")))
         if len(files) != saved_world:
-            raise RuntimeError(f"checkpoint {folder} has {len(files)} queue slices for world size {saved_world}")
+            raise UserError(f"checkpoint {folder} has {len(files)} queue slices for world size {saved_world}")
         if saved_world == self.world:
             self.hncl.queue.load_state_dict(torch.load(os.path.join(folder, f"queue_rank{self.rank}.pt"),
                                                        weights_only=True))
             return
         if not self.cfg.run.reshard_queue:
-            raise RuntimeError(
+            raise UserError(
                 f"the checkpoint's neighbour queue is split over {saved_world} ranks but this run has {self.world}. "
                 f"Resume with dist.num_workers={saved_world}, or set run.reshard_queue=true to re-split the "
                 f"queue over {self.world} ranks (newest entries kept).")
@@ -249,6 +257,8 @@ class Trainer:
             x1, x2 = self.batch_views(batch["image"].to(dev, non_blocking=nb))
         else:
             x1, x2 = batch["x1"].to(dev, non_blocking=nb), batch["x2"].to(dev, non_blocking=nb)
+        if self.input_dtype is not None:
+            x1, x2 = x1.to(self.input_dtype), x2.to(self.input_dtype)
         inputs = {"x1": x1.contiguous(memory_format=mf), "x2": x2.contiguous(memory_format=mf),
                   "heatmap": batch["heatmap"].to(dev, non_blocking=nb),
                   "id": batch["id"].to(dev), "label": batch["label"].to(dev)}
@@ -341,7 +351,7 @@ class Trainer:
 
     def _check_skipped(self, skipped: int) -> None:
         if skipped > self.cfg.data.max_skip_fraction * max(1, self.samples_seen):
-            raise RuntimeError(f"{skipped} corrupt samples among {self.samples_seen} streamed from "
+            raise UserError(f"{skipped} corrupt samples among {self.samples_seen} streamed from "
                                f"{self.shards.root}, above data.max_skip_fraction={self.cfg.data.max_skip_fraction}"
                                f" ({self.skipped} on rank {self.rank}); check the set with hncl.data.make_shards.verify")
 
@@ -374,14 +384,14 @@ def tempfile_path():
 def train_loop_per_worker(config: dict) -> dict:
     """Entry point of every worker. config: {"cfg": resolved config dict, "session": "ray"|"local"}."""
     cfg = typed_config(config["cfg"])
-    torch.set_num_threads(max(1, cfg.dist.cpus_per_worker))
     run_dir = run_dir_of(cfg)
     session: Session = RaySession(run_dir) if config.get("session") == "ray" else \
         LocalSession(run_dir, keep=cfg.run.keep_checkpoints)
     if session.rank == 0:
         storage.makedirs(run_dir)
         storage.write_bytes(storage.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
-    return Trainer(cfg, session).fit()
+    with hdist.torch_threads(cfg.dist.cpus_per_worker):
+        return Trainer(cfg, session).fit()
 
 
 def init_local_process_group() -> None:
