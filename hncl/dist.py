@@ -7,6 +7,7 @@ collective.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -27,6 +28,40 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count at n for the block, then back to what it was: library
+    calls (make_shards, a debug training run) must not change the caller's process for good."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def local_process_group(backend: str, env: dict):
+    """A process group for this process when none exists (torchrun/Ray made none), with the
+    torch.distributed variables in `env` set only where missing; on exit the group is destroyed
+    and the variables restored, so an in-process run leaves no trace in its caller."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    created = not dist.is_initialized()
+    try:
+        if created:
+            dist.init_process_group(backend)
+        yield
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

@@ -6,17 +6,51 @@
   gloo process group (torch.multiprocessing spawn, free port) and returns their results in rank
   order. ``fn`` must be importable (a module-level function in a test module).
 - ``ray_local``: one real local Ray cluster (``ray start --head`` + ``ray.init(address=...)``)
-  for the whole session, stopped at the end.
+  for the whole session; at the end exactly its processes are stopped (never `ray stop`,
+  which would stop every Ray on the machine).
+
+Every test starts from the same process state and may not leave any behind (``_isolated``):
+torch's thread count, default dtype and RNGs, the environment, and no process group.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import signal
+import time
 from typing import Any, Callable, List
 
+import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 
 from hncl.dist import free_port, spawn_gloo
+
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _isolated():
+    """Tests pass in any order: each starts with the same global state, and a test that leaves
+    a process group behind fails (the next in-process run would think it is distributed)."""
+    env = dict(os.environ)
+    torch.set_num_threads(_THREADS)
+    torch.set_default_dtype(torch.float32)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+    leaked_group = dist.is_available() and dist.is_initialized()
+    if leaked_group:
+        dist.destroy_process_group()
+    torch.set_num_threads(_THREADS)
+    torch.set_default_dtype(torch.float32)
+    os.environ.clear()
+    os.environ.update(env)
+    assert not leaked_group, "the test left a torch.distributed process group initialised"
 
 
 # --- multi-process gloo ---------------------------------------------------------------------
@@ -71,29 +105,78 @@ def s3(s3_endpoint):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _processes_using(marker: str) -> List[int]:
+    """PIDs whose command line mentions `marker` (a Ray temp dir: every process of that cluster)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
+def stop_ray_cluster(temp_dir: str) -> None:
+    """Stop the Ray cluster whose processes run under `temp_dir`, and nothing else."""
+    for _ in range(50):
+        pids = _processes_using(temp_dir)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def ray_node_ports() -> List[str]:
+    """`ray start` flags giving a node's listening services free ports of their own. Ray's fixed
+    defaults (e.g. the dashboard agent's HTTP port 52365, which job submission goes through)
+    belong to whichever Ray on the machine started first: a second one's agent cannot bind them
+    and job submission fails with "No available agent"."""
+    flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--ray-client-server-port")
+    return [f"{flag}={free_port()}" for flag in flags]
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(tmp_path_factory):
     """A real local Ray cluster: `ray start --head` on 127.0.0.1 (2 CPUs, dashboard for job
-    submission), this process connected with ray.init(address=...); `ray stop` at the end.
+    submission) with a temp dir of its own, this process connected with ray.init(address=...).
     Yields (ray module, dashboard URL, gcs address)."""
     import subprocess
     import sys
+    import tempfile
 
     import ray
 
     bin_dir = os.path.dirname(sys.executable)
+    # short: Ray's unix sockets live under it (108-byte limit)
+    temp_dir = tempfile.mkdtemp(prefix="hncl-ray-", dir="/tmp")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1",
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),  # `python` in jobs = this venv
                PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))  # workers import test modules
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     port, dash = free_port(), free_port()
-    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
     try:
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        yield ray, f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+        subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                        "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                        *ray_node_ports()], check=True, env=env, capture_output=True, timeout=120)
+        saved = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=address, log_to_driver=False)
+        if saved is None:  # ray.init read it; tests see the environment they started with
+            del os.environ["RAY_AUTH_MODE"]
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        yield ray, f"http://127.0.0.1:{dash}", address
     finally:
         ray.shutdown()
-        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
