@@ -134,7 +134,7 @@ def test_full_finetune_from_a_torchvision_state_dict(sets):
     assert len(m["history"]) == 1 and "train_loss" in m["history"][0]
 
 
-def test_predict_reports_broken_files_and_export_matches_pytorch(linear_run, tmp_path, capsys):
+def test_predict_reports_broken_files_and_non_faces_and_export_matches_pytorch(linear_run, tmp_path, capsys):
     run_dir = linear_run
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -147,11 +147,27 @@ def test_predict_reports_broken_files_and_export_matches_pytorch(linear_run, tmp
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "unreadable" in captured.err
     rows = json.load(open(tmp_path / "p.json"))
-    assert [os.path.basename(r["file"]) for r in rows] == ["face0.jpg", "face1.jpg", "face2.jpg"]
-    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
-    assert main(["predict", str(imgs / "face0.jpg"), "--checkpoint", run_dir, "--align", "dlib",
+    assert [os.path.basename(r["file"]) for r in rows] == ["broken.jpg", "face0.jpg", "face1.jpg", "face2.jpg"]
+    assert rows[0]["status"].startswith("unreadable") and rows[0]["expression"] is None
+    assert all(r["status"] == "ok" and abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows[1:])
+    # with --align dlib an image holding no face is said to hold none, never given an expression
+    from photos import write_photos
+
+    files = write_photos(str(tmp_path / "photos"))
+    assert main(["predict", str(tmp_path / "photos"), "--checkpoint", run_dir, "--align", "dlib",
                  "--out", str(tmp_path / "p.csv")]) == 0
-    assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("file,expression,confidence,neutral")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("file,status,expression,confidence,neutral") and lines[0].endswith(",note")
+    by_name = {os.path.basename(line.split(",")[0])[:-4]: line.split(",") for line in lines[1:]}
+    assert set(by_name) == set(files)
+    for name, (_, faces) in files.items():
+        status, expression, note = by_name[name][1], by_name[name][2], by_name[name][-1]
+        if faces == 0:
+            assert (status, expression) == ("no face detected", ""), name
+        else:
+            assert status == "ok" and expression in by_name[name] and expression != "", name
+            assert note == ("several faces (kept the largest)" if faces > 1 else ""), name
+    assert "not classified" in capsys.readouterr().err
     assert main(["export", "--checkpoint", run_dir, "--out", str(tmp_path / "export")]) == 0
     rep = json.load(open(tmp_path / "export" / "export.json"))
     assert rep["torchscript_max_abs_diff"] < 1e-4 and rep["onnx_max_abs_diff"] < 1e-4

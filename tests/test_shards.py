@@ -242,3 +242,24 @@ def test_mismatched_rerun_is_refused(serial_set, tmp_path):
     os.remove(out / "manifest.json")
     with pytest.raises(MakeShardsError, match="different shard set"):
         make_shards(synthetic_job(out), shard_size=SHARD + 1, progress=False, log=lambda *_: None)
+
+
+def test_dlib_default_skips_photos_without_a_face_and_counts_group_photos(tmp_path):
+    from photos import write_photos
+
+    files = write_photos(str(tmp_path / "src" / "happy"))
+    job = ShardJob(source="folder", input=str(tmp_path / "src"), out=str(tmp_path / "set"), extractor="dlib")
+    logs = []
+    manifest = make_shards(job, shard_size=4, max_skip_fraction=1.0, descriptor_dim=2, progress=False,
+                           log=logs.append)
+    no_face = sorted(n for n, (_, faces) in files.items() if faces == 0)
+    assert manifest["num_samples"] == len(files) - len(no_face) == 2
+    assert manifest["skipped"] == {"no face detected": len(no_face)}
+    assert manifest["noted"] == {"several faces (kept the largest)": 1}
+    text = "\n".join(logs)
+    assert all(f"{n}.jpg" in text for n in no_face[:5]) and "two_people.jpg" in text  # where, not just how many
+    # the old behaviour is still there on request, and no longer silent
+    job = ShardJob(**{**job.__dict__, "out": str(tmp_path / "whole"), "extractor_options": (("detect", "auto"),)})
+    manifest = make_shards(job, shard_size=4, descriptor_dim=2, progress=False, log=lambda *_: None)
+    assert manifest["num_samples"] == len(files) and manifest["skipped"] == {}
+    assert manifest["noted"]["no face detected: whole image used"] == len(no_face)

@@ -52,11 +52,18 @@ class ShardStats:
     skipped: Dict[str, int] = field(default_factory=dict)
     skipped_examples: List[str] = field(default_factory=list)
     ids: List[int] = field(default_factory=list)
+    noted: Dict[str, int] = field(default_factory=dict)  # kept, but counted (e.g. several faces)
+    noted_examples: List[str] = field(default_factory=list)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(f"{reason}: {where}")
+
+    def note(self, what: str, where: str) -> None:
+        self.noted[what] = self.noted.get(what, 0) + 1
+        if len(self.noted_examples) < 5:
+            self.noted_examples.append(f"{what}: {where}")
 
 
 def square_crop(item: SourceItem) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -78,15 +85,26 @@ def square_crop(item: SourceItem) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return work, pts
 
 
+@dataclass
+class ProcessedFace:
+    """One image through FaceProcessor: the aligned face, or why there is none (`reason`), and
+    what is worth counting about a face that was kept (`note`, e.g. several faces found)."""
+
+    aligned: Optional[np.ndarray] = None  # uint8 [S, S, 3]
+    landmarks: Optional[np.ndarray] = None  # float32 [68, 2] in the aligned face
+    heatmap: Optional[np.ndarray] = None  # uint8 [68, R, R]
+    reason: Optional[str] = None
+    note: Optional[str] = None
+
+
 class FaceProcessor:
     """Aligns faces and makes their heatmaps with one extractor, in batches."""
 
     def __init__(self, extractor: HeatmapExtractor, image_size: int = 112, resolution: int = 16):
         self.extractor, self.image_size, self.resolution = extractor, image_size, resolution
 
-    def process(self, items: List[SourceItem]):
-        """-> list of (aligned uint8 image, landmarks [68,2] float32, pooled uint8 [68,R,R]) or
-        (None, reason) per item."""
+    def process(self, items: List[SourceItem]) -> List[ProcessedFace]:
+        """One ProcessedFace per item, in order."""
         crops = [square_crop(it) for it in items]
         works = np.stack([c[0] for c in crops])
         if self.extractor.name == "landmarks":
@@ -101,16 +119,16 @@ class FaceProcessor:
         s = self.image_size
         for i in range(len(items)):
             if not ext.ok[i]:
-                out.append((None, ext.reasons[i] or "extractor failed"))
+                out.append(ProcessedFace(reason=ext.reasons[i] or "extractor failed"))
                 continue
             p = ext.landmarks[i].numpy().astype(np.float64)
             if not np.isfinite(p).all():
-                out.append((None, "no landmarks"))
+                out.append(ProcessedFace(reason="no landmarks"))
                 continue
             m = similarity_to_template(p, s)
             scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
             if not 0.05 < scale * WORK_SIZE / s < 20:  # the face would be absurdly small or large
-                out.append((None, "implausible landmarks"))
+                out.append(ProcessedFace(reason="implausible landmarks"))
                 continue
             mt = torch.from_numpy(m).unsqueeze(0)
             img = torch.from_numpy(works[i]).permute(2, 0, 1).unsqueeze(0).float()
@@ -121,7 +139,8 @@ class FaceProcessor:
                           dst_scale=s / HEATMAP_SIZE)
             else:
                 hm = render_heatmaps(torch.from_numpy(apts).unsqueeze(0), s)
-            out.append(((aligned, apts, pool_heatmaps(hm, self.resolution)[0].numpy()), None))
+            out.append(ProcessedFace(aligned, apts, pool_heatmaps(hm, self.resolution)[0].numpy(),
+                                     note=ext.note(i)))
         return out
 
 
@@ -154,12 +173,14 @@ def build_shard(source: Source, processor: FaceProcessor, index: int, start: int
                         stats.skip(e.reason, e.where)
                 if not items:
                     continue
-                for item, (result, reason) in zip(items, processor.process(items)):
+                for item, face in zip(items, processor.process(items)):
                     where = str(item.meta.get("source", item.sample_id))
-                    if result is None:
-                        stats.skip(reason, where)
+                    if face.reason is not None:
+                        stats.skip(face.reason, where)
                         continue
-                    aligned, pts, pooled = result
+                    if face.note is not None:
+                        stats.note(face.note, where)
+                    aligned, pts, pooled = face.aligned, face.landmarks, face.heatmap
                     key = sample_key(dataset, item.sample_id)
                     jpg = io.BytesIO()
                     Image.fromarray(aligned).save(jpg, format="JPEG", quality=JPEG_QUALITY)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import abc
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hncl.heatmaps.detect import DETECT_MODES, NO_FACE, SEVERAL_FACES, WHOLE_IMAGE
 from hncl.heatmaps.render import HEATMAP_SIZE, N_POINTS, SIGMA, render_heatmaps
 
 FAN_INPUT = 256
@@ -37,6 +38,11 @@ class Extraction:
     landmarks: torch.Tensor  # [B, 68, 2] float32, image pixels (corner origin)
     ok: List[bool]  # False where the extractor could not handle the face
     reasons: List[Optional[str]]  # why not, per face
+    # kept, but worth counting: e.g. "several faces (kept the largest)"
+    notes: List[Optional[str]] = field(default_factory=list)
+
+    def note(self, i: int) -> Optional[str]:
+        return self.notes[i] if i < len(self.notes) else None
 
 
 def _as_batch(images) -> List[np.ndarray]:
@@ -102,18 +108,17 @@ def find_dlib_model(path: Optional[str] = None) -> str:
 
 
 class DlibHeatmaps(HeatmapExtractor):
-    """dlib 68-point shape predictor. detect='auto' runs the HOG face detector and uses the
-    largest face, falling back to the whole crop; 'never' always uses the whole crop (aligned
-    faces); 'always' reports faces with no detection as not ok."""
+    """dlib 68-point shape predictor, on the face found by dlib's HOG detector (see DETECT_MODES
+    for what each `detect` mode does when there is no face, or several)."""
 
     name = "dlib"
 
-    def __init__(self, model_path: Optional[str] = None, detect: str = "auto", upsample: int = 1,
+    def __init__(self, model_path: Optional[str] = None, detect: str = "always", upsample: int = 1,
                  sigma: float = SIGMA):
         import dlib
 
-        if detect not in ("auto", "never", "always"):
-            raise ValueError(f"detect must be auto, never or always, got {detect!r}")
+        if detect not in DETECT_MODES:
+            raise ValueError(f"detect must be one of {', '.join(DETECT_MODES)}, got {detect!r}")
         self.model_path = find_dlib_model(model_path)
         self.predictor = dlib.shape_predictor(self.model_path)
         self.detector = dlib.get_frontal_face_detector() if detect != "never" else None
@@ -125,25 +130,28 @@ class DlibHeatmaps(HeatmapExtractor):
         return f"dlib-{self._dlib.__version__}:{os.path.basename(self.model_path)}:detect-{self.detect}"
 
     def _box(self, im: np.ndarray):
+        """(dlib rectangle or None, note)."""
         if self.detector is not None:
             boxes = list(self.detector(im, self.upsample))
             if boxes:
-                return max(boxes, key=lambda r: r.width() * r.height())
+                largest = max(boxes, key=lambda r: r.width() * r.height())
+                return largest, SEVERAL_FACES if len(boxes) > 1 else None
             if self.detect == "always":
-                return None
+                return None, None
         s = im.shape[0]
         m = int(round(0.08 * s))  # aligned crops have a margin around the face
-        return self._dlib.rectangle(m, m, s - 1 - m, s - 1 - m)
+        return self._dlib.rectangle(m, m, s - 1 - m, s - 1 - m), WHOLE_IMAGE if self.detector is not None else None
 
     def extract(self, images, landmarks: Optional[np.ndarray] = None) -> Extraction:
         imgs = _as_batch(images)
         pts = torch.full((len(imgs), N_POINTS, 2), float("nan"))
-        ok, reasons = [], []
+        ok, reasons, notes = [], [], []
         for i, im in enumerate(imgs):
-            box = self._box(np.ascontiguousarray(im))
+            box, note = self._box(np.ascontiguousarray(im))
+            notes.append(note)
             if box is None:
                 ok.append(False)
-                reasons.append("no face detected")
+                reasons.append(NO_FACE)
                 continue
             shape = self.predictor(np.ascontiguousarray(im), box)
             # dlib returns integer pixel indices (centre convention): +0.5 for corner origin
@@ -151,7 +159,7 @@ class DlibHeatmaps(HeatmapExtractor):
             ok.append(True)
             reasons.append(None)
         hms = torch.cat([render_heatmaps(pts[[i]], imgs[i].shape[0], sigma=self.sigma) for i in range(len(imgs))])
-        return Extraction(hms, pts, ok, reasons)
+        return Extraction(hms, pts, ok, reasons, notes)
 
 
 def find_fan_weights(path: Optional[str] = None, download: bool = False) -> str:
