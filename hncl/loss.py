@@ -1,27 +1,27 @@
-"""HNCL loss: InfoNCE with global negatives, plus heatmap-neighbour positives.
+"""The contrastive loss terms the methods are built from (plain PyTorch, any process group).
 
-    L = view_weight * 1/2 [NCE(z1, p2) + NCE(z2, p1)]
-      + nn_weight   * 1/2 [NCE(nn1, p2) + NCE(nn2, p1)]
-      + nn_weight   * 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]      (batch_neighbours > 0)
+    view term      1/2 [NCE(z1, p2) + NCE(z2, p1)]                     (SimCLR/NNCLR's two views)
+    neighbour term 1/2 [NCE(nn1, p2) + NCE(nn2, p1)]                   (queue neighbours: NNCLR, HNCL)
+    positives term 1/2 [NCE(z1, p2[P]) + NCE(z2, p1[P])]               (several positives per anchor:
+                                                                        HNCL's in-batch heatmap
+                                                                        neighbours, label-mates)
 
 NCE(a, b): for each local anchor a_i, cross-entropy over the cosine logits a_i . b_j / tau
-against every b_j of the *global* batch (all ranks), the positive being b_i. nn1/nn2 are the
-queue neighbours looked up for view 1/2: the same heatmap neighbours for both views in HNCL
-(search by the view-independent heatmap), each view's own embedding neighbours in NNCLR. With
-k > 1 neighbours each valid one is a positive: a sample's term is the mean over its valid
-neighbours, and samples with none (queue still filling) are left out of the mean rather than
-given a garbage target. nb: each sample's heatmap neighbours within the global batch itself,
-positives whose embeddings are fresh and carry gradient (multi_positive_nce).
+against every b_j of the *global* batch (all ranks), the positive being b_i. With k > 1
+neighbours each valid one is a positive: a sample's term is the mean over its valid neighbours,
+and samples with none (queue still filling) are left out of the mean rather than given a
+garbage target. The positives term takes, per anchor, indices into the global batch (-1 = none)
+or a boolean mask over it; those embeddings are fresh and carry gradient.
 
-Each rank returns a loss whose average over ranks is the loss of one process on the whole
-global batch, and whose gradient, averaged over ranks by DDP, is that process's gradient (the
+Each term is this rank's share: its average over ranks is the term of one process on the whole
+global batch, and its gradient, averaged over ranks by DDP, is that process's gradient (the
 predictions are gathered with a gradient-carrying all-gather; means are over global counts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -46,78 +46,75 @@ def nce_per_sample(anchors: torch.Tensor, candidates: torch.Tensor, offset: int,
 def multi_positive_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor,
                        temperature: float) -> torch.Tensor:
     """Per-anchor InfoNCE with several positives: anchors [B, D], candidates [N, D] (the global
-    batch), positives [B, n] indices into candidates (-1 = none). Returns [B] = the mean over a
-    sample's valid positives of -log softmax(anchor . candidates / T)[positive]; 0 where none."""
+    batch), positives [B, n] indices into candidates (-1 = none) or a bool mask [B, N]. Returns
+    [B] = the mean over a sample's positives of -log softmax(anchor . candidates / T)[positive];
+    0 where it has none."""
     logits = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T
     logp = F.log_softmax(logits / temperature, dim=1)
+    if positives.dtype == torch.bool:
+        return -(logp * positives).sum(1) / positives.sum(1).clamp(min=1)
     valid = positives >= 0
     picked = logp.gather(1, positives.clamp(min=0)) * valid
     return -picked.sum(1) / valid.sum(1).clamp(min=1)
 
 
-def _global_mean(per_sample: torch.Tensor, include: torch.Tensor):
+def _global_mean(per_sample: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
     """Sum of the included local terms divided by the included count over all ranks, times W:
-    averaging this over ranks gives the mean over the global batch. Returns (term, count)."""
+    averaging this over ranks gives the mean over the global batch."""
     count = hdist.all_reduce_sum(include.sum().to(per_sample.dtype).reshape(1))[0]
     total = (per_sample * include).sum()
-    return total * hdist.world_size() / count.clamp(min=1), count
+    return total * hdist.world_size() / count.clamp(min=1)
 
 
 @dataclass
-class LossOutput:
-    loss: torch.Tensor  # this rank's share; mean over ranks = global loss
-    terms: Dict[str, float]  # global values, identical on every rank
+class Predictions:
+    """Both views' predictions of the whole global batch, gathered once per step with gradient;
+    `offset` is where this rank's rows start."""
 
+    p1: torch.Tensor
+    p2: torch.Tensor
+    offset: int
 
-class HNCLLoss:
-    def __init__(self, temperature: float = 0.1, view_weight: float = 1.0, nn_weight: float = 1.0):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.view_weight = view_weight
-        self.nn_weight = nn_weight
-
-    def __call__(self, z1: torch.Tensor, z2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
-                 nn1: Optional[torch.Tensor] = None, valid1: Optional[torch.Tensor] = None,
-                 nn2: Optional[torch.Tensor] = None, valid2: Optional[torch.Tensor] = None,
-                 batch_positives: Optional[torch.Tensor] = None) -> LossOutput:
-        """z*: projections [B, D]; p*: predictions [B, D]; nn*: neighbour embeddings [B, k, D]
-        (no gradient) with valid* [B, k]. nn2/valid2 default to nn1/valid1 (HNCL).
-        batch_positives [B, n]: indices into the global batch of each sample's in-batch heatmap
-        neighbours (-1 = none); each is a positive for both views, gradient on both sides."""
-        tau = self.temperature
+    @classmethod
+    def gather(cls, p1: torch.Tensor, p2: torch.Tensor) -> "Predictions":
         p1_all, offset = hdist.all_gather_with_grad(p1)
         p2_all, _ = hdist.all_gather_with_grad(p2)
-        everyone = torch.ones(z1.shape[0], dtype=torch.bool, device=z1.device)
-        per_view = 0.5 * (nce_per_sample(z1, p2_all, offset, tau) + nce_per_sample(z2, p1_all, offset, tau))
-        view_term, _ = _global_mean(per_view, everyone)
-        loss = self.view_weight * view_term
-        terms = {"loss_view": view_term}
+        return cls(p1_all, p2_all, offset)
 
-        if nn1 is not None and self.nn_weight > 0:
-            if valid1 is None:
-                raise ValueError("neighbour embeddings need their valid mask")
-            nn2 = nn1 if nn2 is None else nn2
-            valid2 = valid1 if valid2 is None else valid2
-            nn_terms = []
-            for nn, valid, p_all in ((nn1, valid1, p2_all), (nn2, valid2, p1_all)):
-                per_pair = nce_per_sample(nn.to(p_all.dtype), p_all, offset, tau)  # [B, k]
-                n_valid = valid.sum(dim=1)
-                per_sample = (per_pair * valid).sum(dim=1) / n_valid.clamp(min=1)
-                term, count = _global_mean(per_sample, n_valid > 0)
-                nn_terms.append(term)
-            nn_term = 0.5 * (nn_terms[0] + nn_terms[1])
-            loss = loss + self.nn_weight * nn_term
-            terms["loss_nn"] = nn_term
-        if batch_positives is not None and self.nn_weight > 0:
-            per_sample = 0.5 * (multi_positive_nce(z1, p2_all, batch_positives, tau)
-                                + multi_positive_nce(z2, p1_all, batch_positives, tau))
-            term, _ = _global_mean(per_sample, (batch_positives >= 0).any(dim=1))
-            loss = loss + self.nn_weight * term
-            terms["loss_batch_nn"] = term
-        # Report global values (one packed all-reduce): the rank shares average to them.
-        terms["loss"] = loss
-        names = list(terms)
-        packed = hdist.all_reduce_sum(torch.stack([terms[n].detach().double().reshape(()) for n in names]))
-        reported = {n: float(v) / hdist.world_size() for n, v in zip(names, packed)}
-        return LossOutput(loss=loss, terms=reported)
+
+def view_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, temperature: float) -> torch.Tensor:
+    """The two views of each image as positives: 1/2 [NCE(z1, p2) + NCE(z2, p1)]."""
+    everyone = torch.ones(z1.shape[0], dtype=torch.bool, device=z1.device)
+    per_view = 0.5 * (nce_per_sample(z1, preds.p2, preds.offset, temperature)
+                      + nce_per_sample(z2, preds.p1, preds.offset, temperature))
+    return _global_mean(per_view, everyone)
+
+
+def neighbour_term(nn1: torch.Tensor, valid1: torch.Tensor, nn2: torch.Tensor, valid2: torch.Tensor,
+                   preds: Predictions, temperature: float) -> torch.Tensor:
+    """Stored neighbours as positives: nn* [B, k, D] (no gradient) with valid* [B, k], the
+    neighbours looked up for view 1 / 2 (the same ones in HNCL, each view's own in NNCLR)."""
+    terms = []
+    for nn, valid, p_all in ((nn1, valid1, preds.p2), (nn2, valid2, preds.p1)):
+        per_pair = nce_per_sample(nn.to(p_all.dtype), p_all, preds.offset, temperature)  # [B, k]
+        n_valid = valid.sum(dim=1)
+        per_sample = (per_pair * valid).sum(dim=1) / n_valid.clamp(min=1)
+        terms.append(_global_mean(per_sample, n_valid > 0))
+    return 0.5 * (terms[0] + terms[1])
+
+
+def positives_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, positives: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """Several positives per anchor among the global batch (indices [B, n], -1 = none, or a
+    bool mask [B, N]), for both views; anchors with none are left out of the mean."""
+    per_sample = 0.5 * (multi_positive_nce(z1, preds.p2, positives, temperature)
+                        + multi_positive_nce(z2, preds.p1, positives, temperature))
+    has = positives.any(dim=1) if positives.dtype == torch.bool else (positives >= 0).any(dim=1)
+    return _global_mean(per_sample, has)
+
+
+def report(terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Global values of this rank's term shares (one packed all-reduce): what every rank logs."""
+    names = list(terms)
+    packed = hdist.all_reduce_sum(torch.stack([terms[n].detach().double().reshape(()) for n in names]))
+    return {n: float(v) / hdist.world_size() for n, v in zip(names, packed)}

@@ -2,9 +2,10 @@
 
 Global capacity Q is split over the W ranks of the process group; rank r holds slots
 [r*Q/W, (r+1)*Q/W) of one logical queue, so memory per rank is Q/W and the support set grows
-with the cluster. Each slot: a search key (the heatmap descriptor, or in NNCLR mode the
-embedding itself), a stored embedding (L2-normalised, no gradient), a sample id (-1 = empty)
-and a label (-1 = unknown; only used for the neighbour-purity metric).
+with the cluster. Each slot: a search key (with key_dim: e.g. a heatmap descriptor; without:
+the stored embedding itself is the key), a stored embedding (L2-normalised, no gradient), a
+sample id (-1 = empty) and a label (-1 = unknown; only used for the neighbour-purity metric).
+The queue does not know which method uses it.
 
 lookup() returns exactly what one process holding the union of the slices would return:
   1. all-gather the queries (every rank searches its slice for everybody's queries),
@@ -12,9 +13,16 @@ lookup() returns exactly what one process holding the union of the slices would 
      own sample id, then the local top-k,
   3. exchange candidates so each rank gets its own queries' candidates from every slice
      (all_to_all, or all_gather where the backend lacks it),
-  4. merge to the global top-k. Ties break by (score desc, global slot index asc), so the result
-     does not depend on W.
-enqueue() writes FIFO into the local slice only: no communication.
+  4. merge to the global top-k, ordered by (score desc, global slot index asc).
+The guarantee holds *exactly*, ties included: a batched matmul may round the scores of two
+identical keys 1-2 ulp apart (the BLAS kernel treats columns differently by position) and
+differently on a slice than on the union, so the matmul only *selects* candidates; every
+ordering decision uses the pair's score recomputed on its own ((q * key).sum(), the same
+arithmetic wherever the key sits), and a row whose cut-off is within the matmul's rounding
+bound of a non-candidate is re-decided over every column inside that bound. Identical keys
+therefore tie exactly and the lowest global slot wins, for any W.
+enqueue() writes FIFO into the local slice only: no communication. Keys, values and queries
+are normalised in the queue's own precision (at least float32; float64 queues in float64).
 
 Deliberately NOT an nn.Module and holding no registered buffers: DDP broadcasts module buffers
 from rank 0 on every forward, which would overwrite every rank's slice with rank 0's. Being a
@@ -72,6 +80,50 @@ def _top_m(scores: torch.Tensor, m: int):
     return v, torch.where(i < n, i, torch.zeros_like(i))
 
 
+def _pair_scores(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """q[rows] . keys[cols], each pair on its own: the same arithmetic for a key wherever it sits
+    (a matmul's rounding depends on the column's position in the kernel's blocks)."""
+    return (q[rows] * keys[cols]).sum(-1)
+
+
+def _matmul_tolerance(dim: int, dtype: torch.dtype) -> float:
+    """A bound on |matmul score - pair score| for unit vectors: each sum of `dim` products is
+    within dim * eps of the exact value (Higham's gamma_n), so the two within 2 dim eps."""
+    return 4.0 * dim * torch.finfo(dtype).eps
+
+
+def top_k_exact(q: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, k: int):
+    """Row-wise top-k of the pair scores q . keys[j] ordered by (score desc, column asc), exact
+    under ties. `scores` = q @ keys.T (-inf where a column is masked) only selects candidates.
+    Returns (pair scores [N, k'], columns [N, k']) with k' = min(k, columns)."""
+    n_rows, n = scores.shape
+    k = min(k, n)
+    m = min(n, 2 * k + 8)
+    if n_rows == 0 or k == 0:
+        return scores.new_zeros((n_rows, k)), torch.zeros((n_rows, k), dtype=torch.int64, device=scores.device)
+    v, i = _top_m(scores, m)
+    rows = torch.arange(n_rows, device=scores.device).unsqueeze(1).expand_as(i)
+    e = torch.where(torch.isfinite(v), _pair_scores(q, keys, rows, i), torch.full_like(v, float("-inf")))
+    i, order = i.sort(dim=1)
+    e, v = e.gather(1, order), v.gather(1, order)
+    e, order = e.sort(dim=1, descending=True, stable=True)
+    i, v = i.gather(1, order), v.gather(1, order)
+    e_k, i_k = e[:, :k].clone(), i[:, :k].clone()
+    if m < n:
+        # a column outside the candidates has a matmul score <= the smallest candidate's; it could
+        # still reach the k-th pair score only within the rounding bound: decide those rows anew
+        tol = _matmul_tolerance(q.shape[1], q.dtype)
+        kth = e_k[:, -1]
+        unsure = (torch.isfinite(kth) & (v.min(dim=1).values >= kth - tol)).nonzero().squeeze(1)
+        if unsure.numel():
+            window = scores[unsure] >= (kth[unsure] - tol).unsqueeze(1)
+            r, c = window.nonzero(as_tuple=True)
+            exact = torch.full(window.shape, float("-inf"), dtype=e.dtype, device=e.device)
+            exact[r, c] = _pair_scores(q, keys, unsure[r], c)
+            e_k[unsure], i_k[unsure] = topk_stable(exact, k)
+    return e_k, i_k
+
+
 def topk_stable(scores: torch.Tensor, k: int, margin: int = 8):
     """Row-wise top-k ordered by (score desc, column asc), exact under ties.
 
@@ -115,15 +167,12 @@ class ShardedNeighborQueue:
         value_dim: int,
         key_dim: Optional[int] = None,
         *,
-        nn_space: str = "heatmap",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         exchange: str = "auto",
     ):
-        if nn_space not in ("heatmap", "embedding"):
-            raise ValueError(f"nn_space must be 'heatmap' or 'embedding', got {nn_space!r}")
-        if nn_space == "heatmap" and not key_dim:
-            raise ValueError("nn_space='heatmap' needs key_dim (the heatmap descriptor size)")
+        """key_dim: size of separate search keys (e.g. heatmap descriptors); None: the stored
+        embeddings are searched (NNCLR)."""
         if exchange not in ("auto", "all_to_all", "all_gather"):
             raise ValueError(f"exchange must be auto, all_to_all or all_gather, got {exchange!r}")
         self.world_size, self.rank = hdist.world_size(), hdist.rank()
@@ -133,13 +182,11 @@ class ShardedNeighborQueue:
                 f"each rank holds capacity/world_size slots")
         self.capacity = capacity
         self.slots = capacity // self.world_size
-        self.nn_space = nn_space
         self.dtype = dtype
         self.device = torch.device(device)
         self.exchange = exchange
-        # In NNCLR mode the search keys are the stored embeddings: no second copy.
-        self.keys = (torch.zeros(self.slots, key_dim, dtype=dtype, device=self.device)
-                     if nn_space == "heatmap" else None)
+        # without key_dim the search keys are the stored embeddings: no second copy
+        self.keys = torch.zeros(self.slots, key_dim, dtype=dtype, device=self.device) if key_dim else None
         self.values = torch.zeros(self.slots, value_dim, dtype=dtype, device=self.device)
         self.ids = torch.full((self.slots,), -1, dtype=torch.int64, device=self.device)
         self.labels = torch.full((self.slots,), -1, dtype=torch.int64, device=self.device)
@@ -162,6 +209,11 @@ class ShardedNeighborQueue:
             return self.dtype
         return torch.promote_types(self.dtype, torch.float32)
 
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised rows in the queue's precision (at least float32: a float64 queue is
+        float64-precise, not float32-precise)."""
+        return F.normalize(x.detach().to(self.device, torch.promote_types(self.dtype, torch.float32)), dim=1)
+
     # -- enqueue -----------------------------------------------------------------------------
     @torch.no_grad()
     def enqueue(self, keys: Optional[torch.Tensor], values: torch.Tensor, ids: torch.Tensor,
@@ -177,11 +229,11 @@ class ShardedNeighborQueue:
         if b > self.slots:
             rows = rows[b - self.slots:]
         dest = (self.ptr + rows) % self.slots
-        self.values[dest] = F.normalize(values.detach().to(self.device, torch.float32), dim=1)[rows].to(self.dtype)
+        self.values[dest] = self._normalised(values)[rows].to(self.dtype)
         if self.keys is not None:
             if keys is None:
-                raise ValueError("heatmap queue: enqueue needs the heatmap descriptors as keys")
-            self.keys[dest] = F.normalize(keys.detach().to(self.device, torch.float32), dim=1)[rows].to(self.dtype)
+                raise ValueError("this queue searches by separate keys: enqueue needs them (e.g. heatmap descriptors)")
+            self.keys[dest] = self._normalised(keys)[rows].to(self.dtype)
         self.ids[dest] = ids.to(self.device, torch.int64)[rows]
         self.labels[dest] = labels.to(self.device, torch.int64)[rows]
         self.ptr = int((self.ptr + b) % self.slots)
@@ -197,24 +249,25 @@ class ShardedNeighborQueue:
             raise ValueError(f"k must be >= 1, got {k}")
         b = queries.shape[0]
         cdtype = self._compute_dtype()
-        q = F.normalize(queries.detach().to(self.device, torch.float32), dim=1).to(cdtype)
+        q = self._normalised(queries).to(cdtype)
         ids = ids.to(self.device, torch.int64)
         sizes = hdist.gather_sizes(b, self.device)
         q_all = hdist.all_gather_rows(q, sizes)
         ids_all = hdist.all_gather_rows(ids, sizes)
 
         # 2. local scores and top-k (k' <= slots)
-        scores = q_all @ self.search_keys.to(cdtype).T  # [N, slots]
+        keys = self.search_keys.to(cdtype)
+        scores = q_all @ keys.T  # [N, slots]: selects candidates; top_k_exact orders them
         if not self._full:  # once every slot holds an entry, skip the [N, slots] mask
             scores.masked_fill_((self.ids < 0).unsqueeze(0), float("-inf"))
         # a query's own sample id (an earlier epoch's copy): compare only on the slots holding one
         sorted_ids = ids_all.sort().values  # (torch.isin sorts the whole slice: far slower)
-        at = torch.searchsorted(sorted_ids, self.ids).clamp(max=sorted_ids.numel() - 1)
-        own = (sorted_ids[at] == self.ids).nonzero().squeeze(1)
+        at = torch.searchsorted(sorted_ids, self.ids).clamp(min=0, max=max(0, sorted_ids.numel() - 1))
+        own = (sorted_ids[at] == self.ids).nonzero().squeeze(1) if sorted_ids.numel() else at[:0]
         if own.numel():
             same = ids_all.unsqueeze(1) == self.ids[own].unsqueeze(0)  # [N, hits]
             scores[:, own] = scores[:, own].masked_fill(same, float("-inf"))
-        val, slot = topk_stable(scores, k)  # [N, k']
+        val, slot = top_k_exact(q_all, keys, scores, k)  # [N, k']
         ok = torch.isfinite(val)
         slot = torch.where(ok, slot, torch.zeros_like(slot))
         gidx = torch.where(ok, slot + self.rank * self.slots, torch.full_like(slot, _NO_INDEX))
@@ -227,8 +280,9 @@ class ShardedNeighborQueue:
         # 3. exchange: rows of our own queries, from every rank
         if self.world_size > 1:
             fpay, ipay = self._exchange(fpay, sizes), self._exchange(ipay, sizes)  # [W, b, k', .]
-            fpay = fpay.permute(1, 0, 2, 3).reshape(b, -1, fpay.shape[-1])
-            ipay = ipay.permute(1, 0, 2, 3).reshape(b, -1, 3)
+            width = self.world_size * fpay.shape[2]  # candidates per query from all ranks (b may be 0)
+            fpay = fpay.permute(1, 0, 2, 3).reshape(b, width, fpay.shape[-1])
+            ipay = ipay.permute(1, 0, 2, 3).reshape(b, width, 3)
 
         # 4. merge: order by (score desc, global slot asc), keep k
         cand_s, cand_g = fpay[..., 0], ipay[..., 0]
@@ -271,8 +325,7 @@ class ShardedNeighborQueue:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         """This rank's slice only: save it as queue_rank{r}.pt."""
-        return {"capacity": self.capacity, "world_size": self.world_size, "rank": self.rank,
-                "nn_space": self.nn_space, "ptr": self.ptr,
+        return {"capacity": self.capacity, "world_size": self.world_size, "rank": self.rank, "ptr": self.ptr,
                 "keys": None if self.keys is None else self.keys.cpu().clone(),
                 "values": self.values.cpu().clone(), "ids": self.ids.cpu().clone(),
                 "labels": self.labels.cpu().clone()}
@@ -282,8 +335,7 @@ class ShardedNeighborQueue:
         return state_digest(self.state_dict())
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        for name, mine in (("capacity", self.capacity), ("world_size", self.world_size),
-                           ("nn_space", self.nn_space)):
+        for name, mine in (("capacity", self.capacity), ("world_size", self.world_size)):
             if state[name] != mine:
                 raise ValueError(
                     f"queue checkpoint has {name}={state[name]!r} but this run has {name}={mine!r}; "
@@ -294,8 +346,12 @@ class ShardedNeighborQueue:
         if state["values"].shape != self.values.shape:  # type: ignore[union-attr]
             raise ValueError(f"queue checkpoint embeddings have shape {tuple(state['values'].shape)}, "  # type: ignore[union-attr]
                              f"expected {tuple(self.values.shape)}")
+        if (state["keys"] is None) != (self.keys is None):
+            raise ValueError("queue checkpoint " + ("searches its stored embeddings" if state["keys"] is None else
+                                                    "has separate search keys") + "; this run's queue does not "
+                             "(a checkpoint of another method)")
         if self.keys is not None:
-            if state["keys"] is None or state["keys"].shape != self.keys.shape:  # type: ignore[union-attr]
+            if state["keys"].shape != self.keys.shape:  # type: ignore[union-attr]
                 raise ValueError("queue checkpoint descriptors do not match this run's descriptor size")
             self.keys.copy_(state["keys"])  # type: ignore[arg-type]
         self.values.copy_(state["values"])  # type: ignore[arg-type]
@@ -350,8 +406,7 @@ def reshard_states(states: Sequence[Dict[str, object]], world_size: int,
     for r in range(world_size):
         block = entries[r * slots:(r + 1) * slots]
         vals = states[0]["values"]
-        new = {"capacity": capacity, "world_size": world_size, "rank": r,
-               "nn_space": states[0]["nn_space"], "ptr": len(block) % slots,
+        new = {"capacity": capacity, "world_size": world_size, "rank": r, "ptr": len(block) % slots,
                "values": torch.zeros(slots, vals.shape[1], dtype=vals.dtype),  # type: ignore[union-attr]
                "keys": (torch.zeros(slots, states[0]["keys"].shape[1], dtype=vals.dtype)  # type: ignore[union-attr]
                         if has_keys else None),

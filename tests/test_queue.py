@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hncl.loss import HNCLLoss
-from hncl.method import batch_heatmap_neighbours
-from hncl.queue import ShardedNeighborQueue, reshard_states, topk_stable
+from hncl.loss import Predictions, neighbour_term, positives_term, report, view_term
+from hncl.methods.hncl import batch_heatmap_neighbours
+from hncl.queue import ShardedNeighborQueue, reshard_states, top_k_exact, topk_stable
 
 Q, K, DH, DE = 24, 3, 6, 5
 STEPS = 7
@@ -42,6 +42,16 @@ class ReferenceQueue:
         return out
 
 
+def hncl_loss(z1, z2, p1, p2, nn, valid, in_batch, lam=0.7, tau=0.2):
+    """HNCL's loss from its terms (as hncl.methods.hncl composes them): (rank share, global terms)."""
+    preds = Predictions.gather(p1, p2)
+    terms = {"loss_view": view_term(z1, z2, preds, tau), "loss_nn": neighbour_term(nn, valid, nn, valid, preds, tau),
+             "loss_batch_nn": positives_term(z1, z2, preds, in_batch, tau)}
+    loss = terms["loss_view"] + lam * terms["loss_nn"] + lam * terms["loss_batch_nn"]
+    terms["loss"] = loss
+    return loss, report(terms)
+
+
 def _stream(rank, step, kind):
     """Rank `rank`'s batch at `step`: sizes differ per rank and do not divide Q/W; ids come from a
     small pool so a sample meets its own earlier copy in the queue."""
@@ -62,7 +72,6 @@ def _sharded_run(kind, exchange):
     rank = dist.get_rank()
     queue = ShardedNeighborQueue(Q, DE, DH, dtype=torch.float64, exchange=exchange)
     assert queue.values.shape[0] == queue.keys.shape[0] == Q // dist.get_world_size()
-    loss_fn = HNCLLoss(temperature=0.2, view_weight=1.0, nn_weight=0.7)
     records = []
     for step in range(STEPS):
         desc, emb, ids, z, p = _stream(rank, step, kind)
@@ -70,10 +79,10 @@ def _sharded_run(kind, exchange):
         z1, z2 = (t.clone().requires_grad_() for t in z)
         p1, p2 = (t.clone().requires_grad_() for t in p)
         in_batch = batch_heatmap_neighbours(desc, 2)  # indices into the global (uneven) batch
-        out = loss_fn(z1, z2, p1, p2, nb.embeddings, nb.valid, batch_positives=in_batch)
-        out.loss.backward()
+        loss, terms = hncl_loss(z1, z2, p1, p2, nb.embeddings, nb.valid, in_batch)
+        loss.backward()
         records.append(dict(slots=nb.slots, ids=nb.ids, scores=nb.scores, valid=nb.valid, emb=nb.embeddings,
-                            loss=out.loss.detach(), terms=out.terms,
+                            loss=loss.detach(), terms=terms,
                             grads=[t.grad for t in (z1, z2, p1, p2)]))
         queue.enqueue(desc, emb, ids)
     return records
@@ -84,7 +93,6 @@ def _sharded_run(kind, exchange):
 def test_sharded_lookup_and_loss_equal_single_process_union(run_distributed, world_size, kind, exchange):
     results = run_distributed(_sharded_run, world_size, kind, exchange)
     ref = ReferenceQueue(Q, world_size)
-    loss_fn = HNCLLoss(temperature=0.2, view_weight=1.0, nn_weight=0.7)
     saw_self, saw_invalid, saw_full = False, False, False
     for step in range(STEPS):
         batches = [_stream(r, step, kind) for r in range(world_size)]
@@ -109,12 +117,12 @@ def test_sharded_lookup_and_loss_equal_single_process_union(run_distributed, wor
         z1, z2, p1, p2 = (torch.cat([b[3][j] if j < 2 else b[4][j - 2] for b in batches]).requires_grad_()
                           for j in range(4))
         in_batch = batch_heatmap_neighbours(torch.cat([b[0] for b in batches]), 2)
-        out = loss_fn(z1, z2, p1, p2, torch.cat([e for e, _ in nb_all]), torch.cat([v for _, v in nb_all]),
-                      batch_positives=in_batch)
-        out.loss.backward()
+        loss, terms = hncl_loss(z1, z2, p1, p2, torch.cat([e for e, _ in nb_all]), torch.cat([v for _, v in nb_all]),
+                                in_batch)
+        loss.backward()
         rank_losses = torch.stack([results[r][step]["loss"] for r in range(world_size)])
-        assert torch.allclose(rank_losses.mean(), out.loss.detach(), atol=1e-12)
-        for name, value in out.terms.items():
+        assert torch.allclose(rank_losses.mean(), loss.detach(), atol=1e-12)
+        for name, value in terms.items():
             assert all(abs(results[r][step]["terms"][name] - value) < 1e-9 for r in range(world_size)), name
         # DDP averages gradients over ranks: rank r's gradient / W must be the reference's rows of r
         start = 0
@@ -232,7 +240,7 @@ def test_reshard_keeps_newest_entries_in_fifo_order():
     # two old slices of 4, rank 0 holds ids 0..5 (ptr 2), rank 1 holds 100..102 (ptr 3)
     slices = []
     for r, ids in enumerate([list(range(6)), [100, 101, 102]]):
-        states = {"capacity": 8, "world_size": 2, "rank": r, "nn_space": "heatmap"}
+        states = {"capacity": 8, "world_size": 2, "rank": r}
         q_ids = torch.full((4,), -1, dtype=torch.int64)
         for j, i in enumerate(ids):
             q_ids[j % 4] = i
@@ -255,3 +263,90 @@ def test_queue_is_not_a_module_so_ddp_cannot_broadcast_it():
     holder.queue = q
     assert not isinstance(q, torch.nn.Module)
     assert set(holder.state_dict()) == {"weight", "bias"} and not list(holder.buffers())
+
+
+# --- exactness that does not rest on the matmul's rounding ------------------------------------
+def _duplicates_run(world):
+    """A queue where every key is stored several times (one image enqueued once per epoch)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    gen = torch.Generator().manual_seed(11)
+    distinct = torch.randn(7, 51, generator=gen, dtype=torch.float64)  # odd width: no aligned blocks
+    queue = ShardedNeighborQueue(84, DE, 51, dtype=torch.float64)
+    for step in range(12):  # the keys land at many positions of every slice
+        rows = torch.randperm(7, generator=gen)
+        values = torch.randn(7, DE, generator=gen, dtype=torch.float64)
+        if step % world == rank:
+            queue.enqueue(distinct[rows], values, step * 10 + rows)
+    queries = distinct[torch.tensor([0, 3, 3, 6])] + 1e-3 * torch.randn(4, 51, generator=gen, dtype=torch.float64)
+    mine = queries[rank::world]
+    nb = queue.lookup(mine, torch.full((len(mine),), -1), 9)
+    return nb.slots, nb.scores, queue.state_dict(), queries
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_duplicate_keys_tie_exactly_and_the_lowest_global_slot_wins(run_distributed, world):
+    """9 neighbours among up to 12 copies of the best key in W slices: the W ranks return what
+    one process holding the union returns, slot for slot, with bit-identical scores (rtol=0),
+    and the copies are taken in global slot order."""
+    results = run_distributed(_duplicates_run, world, world)
+    union = ShardedNeighborQueue(84, DE, 51, dtype=torch.float64)
+    states = [r[2] for r in results]
+    for name in ("keys", "values", "ids", "labels"):
+        getattr(union, name).copy_(torch.cat([st[name] for st in states]))
+    queries = results[0][3]
+    ref = union.lookup(queries, torch.full((4,), -1), 9)
+    for r, (slots, scores, _, _) in enumerate(results):
+        assert torch.equal(slots, ref.slots[r::world]) and torch.equal(scores, ref.scores[r::world])
+    best = union.keys[ref.slots]  # each query's 9 neighbours: copies of its own distinct key ...
+    assert (best == best[:, :1]).all() and (ref.scores == ref.scores[:, :1]).all()
+    assert torch.equal(ref.slots, ref.slots.sort(dim=1).values)  # ... the lowest global slots first
+    copies = (union.keys.unsqueeze(0) == best[:, :1]).all(-1)  # [4, Q]: where each key is stored
+    first9 = torch.stack([row.nonzero().squeeze(1)[:9] for row in copies])
+    assert torch.equal(ref.slots, first9)
+
+
+def test_top_k_exact_repairs_rows_whose_cut_falls_inside_the_rounding_bound():
+    gen = torch.Generator().manual_seed(12)
+    keys = F.normalize(torch.randn(5000, 64, generator=gen), dim=1)
+    keys[1000:1100] = keys[7]  # 101 copies of one key, far more than the 2k+8 candidates
+    q = keys[7:8] + 1e-4 * torch.randn(3, 64, generator=gen)
+    q = F.normalize(q, dim=1)
+    # a BLAS may round identical columns differently by position (1-2 ulp): model that, and worse
+    scores = q @ keys.T + 2e-7 * torch.randn(3, 5000, generator=gen)
+    old_v, old_i = topk_stable(scores, 20)
+    assert old_i[0].tolist() != [7] + list(range(1000, 1019))  # ordering by the matmul gets the copies wrong
+    v, i = top_k_exact(q, keys, scores, 20)
+    exact = (q.unsqueeze(1) * keys.unsqueeze(0)).sum(-1)  # every pair on its own
+    ref_v, ref_i = exact.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(i, ref_i[:, :20]) and torch.equal(v, ref_v[:, :20])
+    assert i[0].tolist() == [7] + list(range(1000, 1019))
+
+
+def test_float64_queue_is_float64_precise():
+    gen = torch.Generator().manual_seed(13)
+    keys, vals = torch.randn(6, DH, generator=gen, dtype=torch.float64), torch.randn(6, DE, generator=gen,
+                                                                                     dtype=torch.float64)
+    q = ShardedNeighborQueue(6, DE, DH, dtype=torch.float64)
+    q.enqueue(keys, vals, torch.arange(6))
+    assert torch.equal(q.keys, F.normalize(keys, dim=1)) and torch.equal(q.values, F.normalize(vals, dim=1))
+    query = torch.randn(2, DH, generator=gen, dtype=torch.float64)
+    nb = q.lookup(query, torch.tensor([-1, -1]), 6)
+    want = (F.normalize(query, dim=1).unsqueeze(1) * q.keys[nb.slots]).sum(-1)
+    assert torch.allclose(nb.scores, want, rtol=0, atol=1e-15)  # not float32's 1e-7
+
+
+def _lookup_with_an_empty_rank():
+    rank = dist.get_rank()
+    q = ShardedNeighborQueue(8, DE, DH)
+    q.enqueue(torch.eye(DH)[:4] * (rank + 1), torch.randn(4, DE), torch.arange(4) + 10 * rank)
+    queries = torch.eye(DH)[:3] if rank == 1 else torch.zeros(0, DH)
+    nb = q.lookup(queries, torch.full((queries.shape[0],), -1), 2)
+    return nb.slots, nb.valid
+
+
+def test_lookup_accepts_an_empty_local_batch_on_any_rank(run_distributed):
+    (s0, v0), (s1, v1) = run_distributed(_lookup_with_an_empty_rank, 2)
+    assert s0.shape == (0, 2) and v0.shape == (0, 2)
+    assert v1.all() and s1[:, 0].tolist() == [0, 1, 2]  # each one-hot query's key, rank 0's copy (lower slot)
+    single = ShardedNeighborQueue(8, DE, DH)
+    assert single.lookup(torch.zeros(0, DH), torch.zeros(0, dtype=torch.int64), 3).slots.shape == (0, 3)
