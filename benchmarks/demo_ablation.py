@@ -32,7 +32,6 @@ VARIANTS = {
     "nnclr": METHODS["nnclr"],
     "hncl_queue_only_lambda05": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.nn_weight": 0.5},
     "hncl_queue_only_top5": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.topk": 5},
-    "hncl_queue_only_nn_term_only": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.view_weight": 0.0},
     "hncl_batch10": {**METHODS["hncl"], "method.batch_neighbours": 10},
     "hncl_tau01": {**METHODS["hncl"], "method.temperature": 0.1},
     "baseline_tau01": {**METHODS["baseline"], "method.temperature": 0.1},  # the baselines get the same care

@@ -3,7 +3,7 @@
 Same model, batch, data and optimiser; HNCL adds the heatmap descriptor, the neighbour lookup in
 a full queue of Q entries (default 65,536), the neighbour loss term and the enqueue. Whole steps
 (forward, loss, backward, SGD) are timed alternately for `--rounds` rounds; then one profiled
-pass splits each step into its parts (torch.profiler ranges named hncl/* in hncl.method, plus
+pass splits each step into its parts (torch.profiler ranges named hncl/* in hncl/methods, plus
 backward, optimiser and the collectives inside lookup and loss).
 
     python benchmarks/method_overhead.py                        # CPU, W=1, ResNet-18/16 @ 64 px
@@ -31,10 +31,9 @@ from hncl import dist as hdist  # noqa: E402
 from hncl.dist import spawn_gloo  # noqa: E402
 from hncl.heatmaps.descriptor import HeatmapDescriptor  # noqa: E402
 from hncl.heatmaps.render import INNER_POINTS  # noqa: E402
-from hncl.loss import HNCLLoss  # noqa: E402
-from hncl.method import HNCL  # noqa: E402
+from hncl.config import load_config  # noqa: E402
+from hncl.methods import build_method  # noqa: E402
 from hncl.model import HNCLModel  # noqa: E402
-from hncl.queue import ShardedNeighborQueue  # noqa: E402
 
 PARTS = ("hncl/model_forward", "hncl/descriptor", "hncl/queue_lookup", "hncl/loss", "hncl/neighbour_metrics",
          "hncl/queue_enqueue", "hncl/backward", "hncl/optimizer")
@@ -109,16 +108,17 @@ def measure(args: argparse.Namespace) -> Dict:
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16"
                 else contextlib.nullcontext)
     descriptor = random_descriptor(args.desc_dim).to(device)
-    queue = ShardedNeighborQueue(args.queue_size, args.proj_out, args.desc_dim, device=device)
+    settings = {"method.temperature": 0.2, "method.queue_size": args.queue_size, "method.topk": args.topk,
+                "method.batch_neighbours": args.batch_neighbours, "model.proj_out": args.proj_out,
+                "descriptor.dim": args.desc_dim, "dist.num_workers": hdist.world_size()}
+    methods = {name: build_method(load_config(None, [f"{k}={v}" for k, v in {**settings, "method.name": m}.items()]),
+                                  model, device, descriptor=descriptor, autocast=autocast)
+               for name, m in (("baseline", "simclr"), ("hncl", "hncl"))}
+    queue = methods["hncl"].queue
     gen = torch.Generator().manual_seed(100 + hdist.rank())
     slots = queue.slots
     queue.enqueue(torch.randn(slots, args.desc_dim, generator=gen), torch.randn(slots, args.proj_out, generator=gen),
                   torch.arange(slots) + 10**9 + hdist.rank() * slots)  # a full queue, as in steady state
-    loss = HNCLLoss(0.2)
-    methods = {"baseline": HNCL(model, None, loss, autocast=autocast),
-               "hncl": HNCL(model, queue, loss, topk=args.topk, batch_neighbours=args.batch_neighbours,
-                            descriptor=descriptor,
-                            autocast=autocast)}
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     b, s = args.batch, args.size
     x = torch.rand(b, 3, s, s, generator=gen).to(device)
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace) -> Dict:
         ids = torch.arange(b, device=device) + (i * hdist.world_size() + hdist.rank()) * b
         return {"x1": x, "x2": x.flip(-1), "id": ids, "heatmap": heatmaps[i % args.pool]}
 
-    def step(method: HNCL):
+    def step(method):
         batch = next_batch()
         opt.zero_grad(set_to_none=True)
         out, _ = method.training_step(batch)

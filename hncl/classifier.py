@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from hncl.config import value
 from hncl.data.augment import MEAN, STD
 from hncl.errors import InputError
 from hncl.model import ResNetEncoder, load_encoder_weights
@@ -37,8 +38,7 @@ class FERClassifier(nn.Module):
 def encoder_spec(init: Optional[str], model_cfg) -> dict:
     """Architecture of the encoder to build: from encoder.json beside a pretraining run's
     encoder.safetensors when there is one, else from the model config."""
-    spec = {"arch": str(getattr(model_cfg.arch, "value", model_cfg.arch)), "width": int(model_cfg.width),
-            "stem": str(getattr(model_cfg.stem, "value", model_cfg.stem))}
+    spec = {"arch": value(model_cfg.arch), "width": int(model_cfg.width), "stem": value(model_cfg.stem)}
     if init and init.endswith(".safetensors"):
         meta = os.path.join(os.path.dirname(init), "encoder.json")
         if os.path.exists(meta):

@@ -24,10 +24,9 @@ class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user in one line that names the field."""
 
 
-class NNSpace(str, enum.Enum):
-    heatmap = "heatmap"  # HNCL: neighbours by facial-landmark heatmap descriptor
-    embedding = "embedding"  # NNCLR: neighbours by the learned embedding
-    none = "none"  # two-view baseline, no neighbour term
+def value(x: Any) -> Any:
+    """An enum field's plain value ('ddp', 'bfloat16', ...); anything else unchanged."""
+    return x.value if isinstance(x, enum.Enum) else x
 
 
 class Arch(str, enum.Enum):
@@ -78,16 +77,14 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    nn_space: NNSpace = NNSpace.heatmap
-    nn_weight: float = 1.0  # lambda: weight of the neighbour term
-    view_weight: float = 1.0  # weight of the two-view term (0 + nn_space=embedding = NNCLR)
+    name: str = "hncl"  # a module of hncl/methods: hncl, simclr (baseline), nnclr, supervised
     temperature: float = 0.1
-    topk: int = 1  # each of the top-k valid neighbours is a positive
-    # also take each sample's top-n heatmap neighbours in the current global batch as positives
-    # (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
-    # Used with nn_space=heatmap only, like topk/queue_size are unused by the baseline.
+    nn_weight: float = 1.0  # hncl: lambda, the weight of the heatmap-neighbour terms
+    topk: int = 1  # hncl, nnclr: each of the top-k valid queue neighbours is a positive
+    # hncl: also take each sample's top-n heatmap neighbours in the current global batch as
+    # positives (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
     batch_neighbours: int = 0
-    queue_size: int = 65536  # global Q, split evenly over the W ranks
+    queue_size: int = 65536  # hncl, nnclr: global Q, split evenly over the W ranks
     queue_dtype: Dtype = Dtype.float32
 
 
@@ -101,7 +98,6 @@ class DescriptorConfig:
 @dataclass
 class DataConfig:
     train_shards: Optional[str] = None  # local dir or s3:// URL of a shard set
-    eval_shards: Optional[str] = None
     image_size: int = 112
     batch_size: int = 256  # per rank
     loader_workers: int = 4
@@ -220,6 +216,24 @@ def _reraise(e: OmegaConfBaseException, source: str) -> None:
     raise ConfigError(f"config error: {key or '?'}: {text} [{source}]") from None
 
 
+# settings that were replaced: what to write instead (checked before the merge, which would only
+# say "unknown key")
+_RENAMED = {
+    "method.nn_space": "method.nn_space was replaced by method.name: write method.name=hncl (for nn_space=heatmap), "
+                       "method.name=nnclr (embedding) or method.name=simclr (none)",
+    "method.view_weight": "method.view_weight was removed: method.name=hncl always trains on the two views, "
+                          "method.name=nnclr never (exactly NNCLR); write method.name instead",
+}
+
+
+def _check_renamed(tree: Any, source: str) -> None:
+    for key, message in _RENAMED.items():
+        section, name = key.split(".")
+        node = tree.get(section) if isinstance(tree, (dict, DictConfig)) else None
+        if isinstance(node, (dict, DictConfig)) and name in node:
+            raise ConfigError(f"config error: {message} [{source}]")
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
@@ -231,7 +245,7 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
 # Every config field that names a local file or folder. Ray Train starts each worker in a
 # directory of its own, so these are made absolute once, in the process that reads the config
 # (the driver), before anything is sent to a worker; URLs (s3://...) stay as they are.
-PATH_KEYS = ("model.init_weights", "data.train_shards", "data.eval_shards", "run.output_dir",
+PATH_KEYS = ("model.init_weights", "data.train_shards", "run.output_dir",
              "finetune.train_shards", "finetune.test_shards", "finetune.init", "finetune.checkpoint")
 
 
@@ -278,6 +292,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"config error: cannot parse {path}: {str(e).splitlines()[0]}") from None
+        _check_renamed(file_cfg, path)
         cfg = _merge(cfg, file_cfg, path)
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -287,6 +302,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             dot = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"config error: cannot parse overrides: {e}") from None
+        _check_renamed(dot, "command line")
         cfg = _merge(cfg, dot, "command line")
     resolve_paths(cfg)
     validate(cfg)
@@ -306,13 +322,14 @@ def validate(cfg: DictConfig) -> None:
     _check(m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "allowed values: 2, 3")
     for k in ("proj_hidden", "proj_out", "pred_hidden"):
         _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
+    from hncl.methods import METHODS
+
+    _check(me.name in METHODS, "method.name", me.name, f"allowed values: {', '.join(METHODS)}")
     _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
     _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
     _check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
-    _check(me.nn_weight >= 0, "method.nn_weight", me.nn_weight, "must be >= 0")
-    _check(me.view_weight >= 0, "method.view_weight", me.view_weight, "must be >= 0")
-    _check(me.view_weight > 0 or (me.nn_weight > 0 and me.nn_space != NNSpace.none),
-           "method.view_weight", me.view_weight, "with no neighbour term the view term is the whole loss; must be > 0")
+    _check(me.nn_weight > 0 or me.name != "hncl", "method.nn_weight", me.nn_weight,
+           "must be > 0 for method.name=hncl (hncl without its heatmap terms is method.name=simclr)")
     _check(me.queue_size >= 1, "method.queue_size", me.queue_size, "must be >= 1")
     _check(me.queue_size % cfg.dist.num_workers == 0, "method.queue_size", me.queue_size,
            f"must be divisible by dist.num_workers={cfg.dist.num_workers} (each rank holds Q/W slots)")
@@ -338,13 +355,15 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.dist.strategy == Strategy.deepspeed or cfg.dist.zero_stage == 0, "dist.zero_stage",
            cfg.dist.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
     # combinations that cannot run: refused here, before any worker starts
-    _check(me.batch_neighbours == 0 or me.nn_space != NNSpace.heatmap or me.nn_weight > 0, "method.batch_neighbours",
-           me.batch_neighbours, "the in-batch heatmap positives are weighted by method.nn_weight, which is 0: "
-           "set method.batch_neighbours=0 or method.nn_weight > 0")
     _check(cfg.dist.precision != Dtype.float64, "dist.precision", "float64",
            "allowed values: float32, bfloat16, float16 (float64 is for method.queue_dtype)")
     _check(not (m.sync_bn and cfg.dist.strategy == Strategy.deepspeed), "model.sync_bn", True,
            "SyncBatchNorm is for dist.strategy=ddp; DeepSpeed keeps per-rank BatchNorm")
+
+
+def run_dir(cfg: DictConfig) -> str:
+    """Where a run writes everything: run.output_dir/run.name (a local path or a URL)."""
+    return cfg.run.output_dir.rstrip("/") + "/" + cfg.run.name
 
 
 def to_yaml(cfg: DictConfig) -> str:

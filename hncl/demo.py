@@ -23,12 +23,11 @@ import numpy as np
 from hncl.config import load_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-METHODS = {
+METHODS = {  # demo name -> method settings (everything else is shared: configs/demo.yaml)
     # queue heatmap neighbours + each face's 5 nearest heatmaps in the global batch (see README)
-    "hncl": {"method.nn_space": "heatmap", "method.view_weight": 1.0, "method.nn_weight": 1.0,
-             "method.batch_neighbours": 5},
-    "baseline": {"method.nn_space": "none", "method.view_weight": 1.0, "method.nn_weight": 0.0},
-    "nnclr": {"method.nn_space": "embedding", "method.view_weight": 0.0, "method.nn_weight": 1.0},
+    "hncl": {"method.name": "hncl", "method.batch_neighbours": 5},
+    "baseline": {"method.name": "simclr"},
+    "nnclr": {"method.name": "nnclr"},
 }
 SIZES = {  # (train identities, test identities, faces per identity, pretraining steps)
     "default": (200, 60, 14, 150),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -26,18 +28,15 @@ from torchvision.transforms import v2
 
 from hncl import dist as hdist
 from hncl import storage
-from hncl.config import ConfigError
 from hncl.classifier import FERClassifier, build_classifier, load_classifier, preprocess, save_classifier
+from hncl.config import ConfigError, run_dir, value
 from hncl.data.augment import MEAN, STD
 from hncl.data.shards import ShardSet, eval_pipeline, iterate_forever, loader, train_pipeline
 from hncl.data.sources import CLASSES
 from hncl.evaluate import knn
 from hncl.evaluate.metrics import classification_report, confusion_matrix
 from hncl.evaluate.plots import confusion_png, curves_png, neighbour_grid_png
-
-
-def _value(x):
-    return str(getattr(x, "value", x))
+from hncl.train.engine import Engine, device_for
 
 
 @torch.no_grad()
@@ -75,9 +74,10 @@ def class_weights(shards: ShardSet, num_classes: int) -> torch.Tensor:
     return w / w[counts > 0].mean()
 
 
-def train_linear(train: dict, test: dict, num_classes: int, ft, weights: Optional[torch.Tensor]):
-    """Logistic regression on frozen features (mini-batch SGD, cosine lr). Returns the head and
-    per-epoch history."""
+def train_linear(train: dict, test: dict, num_classes: int, cfg, weights: Optional[torch.Tensor]):
+    """Logistic regression on frozen features (mini-batch SGD, cosine lr), stepped by the
+    engine in this process alone. Returns the head and per-epoch history."""
+    ft = cfg.finetune
     torch.manual_seed(0)
     x, y = torch.from_numpy(train["feats"]), torch.from_numpy(train["label"])
     keep = y >= 0
@@ -87,6 +87,7 @@ def train_linear(train: dict, test: dict, num_classes: int, ft, weights: Optiona
     opt = torch.optim.SGD(head.parameters(), lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(y) / ft.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
+    engine = Engine(cfg, head, opt, sched, torch.device("cpu"), strategy="local")
     xt = torch.from_numpy(test["feats"])
     history = []
     for epoch in range(ft.epochs):
@@ -96,10 +97,7 @@ def train_linear(train: dict, test: dict, num_classes: int, ft, weights: Optiona
             idx = perm[i:i + ft.batch_size]
             loss = F.cross_entropy(head((x[idx] - mean) / std), y[idx], weight=weights,
                                    label_smoothing=ft.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            engine.step(loss)
             total += loss.item() * len(idx)
         with torch.no_grad():
             acc = float((head((xt - mean) / std).argmax(1).numpy() == test["label"]).mean())
@@ -125,31 +123,31 @@ def finetune_loop(config: dict) -> dict:
 def _finetune_run(cfg) -> dict:
     ft = cfg.finetune
     rank, world = hdist.rank(), hdist.world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.dist.use_gpu else torch.device("cpu")
+    device = device_for(cfg)
     for key in ("train_shards", "test_shards"):
         if not ft[key]:
             raise ConfigError(f"config error: finetune.{key} is not set (a labelled shard set)")
     train_set, test_set = ShardSet.open(ft.train_shards), ShardSet.open(ft.test_shards)
-    run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
+    folder = run_dir(cfg)
     torch.manual_seed(cfg.run.seed)
     model, spec = build_classifier(ft.init, cfg.model, ft.num_classes)
     model.to(device)
     size = cfg.data.image_size
     weights = class_weights(train_set, ft.num_classes).to(device) if ft.class_balanced else None
-    protocol = _value(ft.protocol)
+    protocol = value(ft.protocol)
     t0 = time.time()
     history: List[dict] = []
     if protocol == "linear":
         if rank == 0:
             tr = extract(train_set, model.encoder, size, device, workers=cfg.data.loader_workers)
             te = extract(test_set, model.encoder, size, device, workers=cfg.data.loader_workers)
-            head, history = train_linear(tr, te, ft.num_classes, ft, None if weights is None else weights.cpu())
+            head, history = train_linear(tr, te, ft.num_classes, cfg, None if weights is None else weights.cpu())
             model.head.load_state_dict(head.state_dict())
     else:
         history = _finetune(model, cfg, train_set, test_set, device, weights, rank, world)
     result = {}
     if rank == 0:
-        result = write_report(model, spec, cfg, train_set, test_set, device, run_dir, history, protocol,
+        result = write_report(model, spec, cfg, train_set, test_set, device, folder, history, protocol,
                               seconds=time.time() - t0)
     if hdist.is_distributed():
         dist.barrier()
@@ -165,7 +163,7 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
                            {"params": model.head.parameters(), "lr": ft.lr * scale}],
                           momentum=0.9, nesterov=True, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    engine = Engine(cfg, model, opt, sched, device, strategy="ddp")  # DDP over the ranks, if several
     pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed + rank, shuffle_buffer=cfg.data.shuffle_buffer,
                               view_transform=fer_augment(cfg.data.image_size), views=1)
     batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
@@ -175,13 +173,10 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
         total, seen, correct = 0.0, 0, 0
         for _ in range(steps_per_epoch):
             batch = next(batches)
-            x, y = batch["x1"].to(device), batch["label"].to(device)
-            logits = net(x)
+            x, y = engine.inputs(batch["x1"].to(device)), batch["label"].to(device)
+            logits = engine.module(x)
             loss = F.cross_entropy(logits, y, weight=weights, ignore_index=-1, label_smoothing=ft.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            engine.step(loss)
             total += loss.item() * len(y)
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -236,12 +231,13 @@ def neighbour_diagnostics(test: dict, descriptor, classes: List[str], folder: st
     return out
 
 
-def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, device, run_dir: str,
+def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, device, folder: str,
                  history: List[dict], protocol: str, seconds: float = 0.0) -> dict:
-    """Classifier metrics, kNN and neighbour diagnostics -> metrics.json + PNGs in run_dir."""
+    """Classifier metrics, kNN and neighbour diagnostics -> metrics.json + PNGs in `folder` (local or a URL)."""
     ft = cfg.finetune
     classes = list(CLASSES[:ft.num_classes])
-    local = run_dir if not storage.is_remote(run_dir) else os.path.join("/tmp", "hncl-report", cfg.run.name)
+    remote = storage.is_remote(folder)
+    local = tempfile.mkdtemp(prefix="hncl-report-") if remote else folder
     os.makedirs(local, exist_ok=True)
     size = cfg.data.image_size
     te_pred = predict_set(model, test_set, size, device, cfg.data.loader_workers)
@@ -252,14 +248,14 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
     te = extract(test_set, model.encoder, size, device, keep_images=256, workers=cfg.data.loader_workers)
     tmask = tr["label"] >= 0
     knn_pred = knn.knn_predict(tr["feats"][tmask], tr["label"][tmask], te["feats"][mask], ft.num_classes,
-                               ft.knn_k, ft.knn_temperature, _value(ft.knn_index))
+                               ft.knn_k, ft.knn_temperature, value(ft.knn_index))
     knn_cm = confusion_matrix(te["label"][mask], knn_pred, ft.num_classes)
     report.update({
         "protocol": protocol, "init": ft.init, "encoder": spec, "train_shards": ft.train_shards,
         "test_shards": ft.test_shards, "knn": {"k": ft.knn_k, "temperature": ft.knn_temperature,
                                                 **{k: v for k, v in classification_report(knn_cm, classes).items()
                                                    if k in ("accuracy", "mean_class_accuracy", "macro_f1")}},
-        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=_value(ft.knn_index)),
+        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=value(ft.knn_index)),
         "history": history, "seconds": seconds,
     })
     confusion_png(cm, classes, os.path.join(local, "confusion_matrix.png"),
@@ -270,12 +266,12 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
     save_classifier(model, local, spec, classes, size)
     with open(os.path.join(local, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1)
-    if storage.is_remote(run_dir):
-        for name in os.listdir(local):
-            storage.put_file(os.path.join(local, name), storage.join(run_dir, name))
+    if remote:
+        storage.upload_dir(local, folder)
+        shutil.rmtree(local, ignore_errors=True)
     print(f"[hncl] {protocol}: accuracy {report['accuracy']:.3f}  mean class accuracy "
           f"{report['mean_class_accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  kNN {report['knn']['accuracy']:.3f}"
-          f"  -> {run_dir}", flush=True)
+          f"  -> {folder}", flush=True)
     return report
 
 
@@ -288,6 +284,5 @@ def evaluate(cfg) -> dict:
                          "finetune.test_shards")
     model, meta = load_classifier(ft.checkpoint)
     spec = {k: meta[k] for k in ("arch", "width", "stem")}
-    run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
     return write_report(model, spec, cfg, ShardSet.open(ft.train_shards), ShardSet.open(ft.test_shards),
-                        torch.device("cpu"), run_dir, [], "evaluate")
+                        torch.device("cpu"), run_dir(cfg), [], "evaluate")

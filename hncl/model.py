@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from hncl.config import value
 from hncl.errors import InputError, UserError
 
 _ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
@@ -81,8 +82,7 @@ class HNCLModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg) -> "HNCLModel":
-        m = cls(arch=str(getattr(model_cfg.arch, "value", model_cfg.arch)), width=model_cfg.width,
-                stem=str(getattr(model_cfg.stem, "value", model_cfg.stem)),
+        m = cls(arch=value(model_cfg.arch), width=model_cfg.width, stem=value(model_cfg.stem),
                 proj_layers=model_cfg.proj_layers, proj_hidden=model_cfg.proj_hidden,
                 proj_out=model_cfg.proj_out, pred_hidden=model_cfg.pred_hidden)
         if model_cfg.init_weights:

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from hncl import storage
-from hncl.config import ConfigError
+from hncl.config import ConfigError, run_dir
 from hncl.errors import InputError
 
 
@@ -64,12 +64,12 @@ def evaluate(cfg) -> None:
 def own_run_dir(cfg, command: str) -> None:
     """finetune / evaluate write metrics, plots and a classifier: never into a pretraining
     run's folder (or, for evaluate, into the folder of the classifier it evaluates)."""
-    run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
-    names = storage.listdir(run_dir)
+    folder = run_dir(cfg)
+    names = storage.listdir(folder)
     if "encoder.json" in names or any(n.startswith("checkpoint_") for n in names):
-        raise ConfigError(f"config error: run.name={cfg.run.name}: {run_dir} holds a pretraining run; {command} "
+        raise ConfigError(f"config error: run.name={cfg.run.name}: {folder} holds a pretraining run; {command} "
                           f"would write into it. Choose another run.name")
     ckpt = cfg.finetune.checkpoint
-    if command == "evaluate" and ckpt and os.path.normpath(ckpt) == os.path.normpath(run_dir):
+    if command == "evaluate" and ckpt and os.path.normpath(ckpt) == os.path.normpath(folder):
         raise ConfigError(f"config error: run.name={cfg.run.name}: evaluate would write into the classifier's own "
                           f"folder {ckpt}. Choose another run.name")

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hncl.cli import main
-from hncl.config import ConfigError, NNSpace, load_config, save_config
+from hncl.config import ConfigError, load_config, save_config
 
 CONFIGS = ["configs/debug.yaml", "configs/pretrain_r18.yaml"]
 
@@ -16,10 +16,10 @@ CONFIGS = ["configs/debug.yaml", "configs/pretrain_r18.yaml"]
 def test_defaults_file_and_overrides_layer_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  batch_size: 48\nmethod:\n  topk: 3\n")
-    cfg = load_config(str(path), ["method.topk=5", "method.nn_space=embedding"])
+    cfg = load_config(str(path), ["method.topk=5", "method.name=nnclr"])
     assert cfg.data.batch_size == 48  # from the file
     assert cfg.method.topk == 5  # override beats file
-    assert cfg.method.nn_space == NNSpace.embedding
+    assert cfg.method.name == "nnclr"
     assert cfg.method.temperature == 0.1  # default untouched
 
 
@@ -32,7 +32,8 @@ def test_shipped_configs_load(path):
 @pytest.mark.parametrize("overrides, must_contain", [
     (["data.batchsize=3"], ["unknown key 'data.batchsize'", "did you mean 'data.batch_size'", "image_size"]),
     (["nope=1"], ["unknown key 'nope'", "method"]),
-    (["method.nn_space=pixels"], ["method.nn_space", "heatmap, embedding, none"]),
+    (["method.name=pixels"], ["method.name", "simclr, nnclr, hncl, supervised"]),
+    (["dist.strategy=horovod"], ["dist.strategy", "ddp, deepspeed"]),
     (["data.batch_size=lots"], ["data.batch_size", "lots"]),
     (["method.topk=0"], ["method.topk=0", ">= 1"]),
     (["method.queue_size=1000", "dist.num_workers=3"], ["method.queue_size=1000", "divisible"]),
@@ -100,8 +101,7 @@ def test_make_shards_preview_writes_a_contact_sheet(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, must_contain", [
-    # would crash in every worker: the in-batch term is weighted by nn_weight, and no queue is built
-    (["method.nn_weight=0", "method.batch_neighbours=5"], ["method.batch_neighbours=5", "method.nn_weight"]),
+    (["method.nn_weight=0"], ["method.nn_weight", "method.name=simclr"]),
     (["dist.precision=float64"], ["dist.precision", "float32, bfloat16, float16"]),
     (["model.sync_bn=true", "dist.strategy=deepspeed"], ["model.sync_bn", "dist.strategy=ddp"]),
 ])
@@ -120,7 +120,7 @@ def test_local_paths_are_made_absolute_against_the_working_directory(tmp_path, m
     assert cfg.finetune.init == "none" and cfg.finetune.test_shards == "s3://b/t"
     assert cfg.model.init_weights == os.path.expanduser("~/w.pth")
     assert cfg.finetune.checkpoint == str(tmp_path.parent / "probe")
-    assert cfg.finetune.train_shards is None and cfg.data.eval_shards is None
+    assert cfg.finetune.train_shards is None
 
 
 def test_a_relative_output_dir_is_refused_inside_a_ray_job_working_dir(tmp_path, monkeypatch):

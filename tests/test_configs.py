@@ -56,7 +56,7 @@ def test_shipped_config_pretrains_and_probes_on_cpu(config, labelled_set, tmp_pa
            f"run.output_dir={tmp_path}", f"run.name={name}", *size], cwd=tmp_path)
     run_dir = tmp_path / name
     shipped, used = load_config(os.path.join(REPO, config)), load_config(str(run_dir / "config.yaml"))
-    for key in ("method.nn_space", "method.batch_neighbours", "method.queue_dtype", "dist.strategy",
+    for key in ("method.name", "method.batch_neighbours", "method.queue_dtype", "dist.strategy",
                 "dist.zero_stage", "dist.precision", "optim.name", "optim.grad_clip", "data.augment_on"):
         section, field = key.split(".")
         assert used[section][field] == shipped[section][field], key

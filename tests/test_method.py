@@ -1,17 +1,27 @@
-"""Loss and training step: NNCLR parity, baseline, neighbour metrics, DDP with per-rank queues."""
+"""Methods and loss terms: NNCLR parity, the SimCLR baseline, HNCL's neighbour terms and
+metrics, supervised positives, the registry, DDP with per-rank queues."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hncl.config import load_config
-from hncl.loss import HNCLLoss, multi_positive_nce, nce_per_sample
-from hncl.method import HNCL, batch_heatmap_neighbours, build_hncl
+from hncl.config import ConfigError, load_config
+from hncl.loss import Predictions, multi_positive_nce, nce_per_sample, neighbour_term, positives_term, view_term
+from hncl.methods import METHODS, build_method, method_class
+from hncl.methods.hncl import HNCL, batch_heatmap_neighbours
+from hncl.methods.nnclr import NNCLR
+from hncl.methods.simclr import SimCLR
+from hncl.methods.supervised import Supervised
 from hncl.model import HNCLModel
-from hncl.queue import ShardedNeighborQueue
 
 TAU = 0.15
+
+
+def method_cfg(name, **over):
+    """A config for a method on the tiny model (proj_out 12)."""
+    base = {"method.name": name, "method.temperature": TAU, "model.proj_out": 12, "method.batch_neighbours": 0}
+    return load_config(None, [f"{k}={v}" for k, v in {**base, **over}.items()])
 
 
 def tiny_model(dtype=torch.float32, seed=0):
@@ -42,9 +52,9 @@ def test_nnclr_parity_loss_and_gradients_float64():
     x1, x2 = (torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64) for _ in range(2))
     ids = torch.arange(1000, 1006)
 
-    queue = ShardedNeighborQueue(40, 12, nn_space="embedding", dtype=torch.float64)
+    step = NNCLR(method_cfg("nnclr", **{"method.queue_size": 40, "method.queue_dtype": "float64"}), model)
+    queue = step.queue
     queue.enqueue(None, support, torch.arange(40))
-    step = HNCL(model, queue, HNCLLoss(TAU, view_weight=0.0, nn_weight=1.0), topk=1)
     loss, metrics = step.training_step({"x1": x1, "x2": x2, "id": ids})
     loss.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -64,12 +74,18 @@ def test_nnclr_parity_loss_and_gradients_float64():
 def test_two_view_baseline_is_symmetric_infonce():
     gen = torch.Generator().manual_seed(2)
     z1, z2, p1, p2 = (torch.randn(5, 8, generator=gen, dtype=torch.float64) for _ in range(4))
-    out = HNCLLoss(TAU, view_weight=1.0, nn_weight=1.0)(z1, z2, p1, p2)
+    term = view_term(z1, z2, Predictions.gather(p1, p2), TAU)
     logits = F.normalize(z1, dim=1) @ F.normalize(p2, dim=1).T / TAU
     by_hand = -torch.log_softmax(logits, dim=1).diagonal().mean()
     logits = F.normalize(z2, dim=1) @ F.normalize(p1, dim=1).T / TAU
     by_hand = 0.5 * (by_hand - torch.log_softmax(logits, dim=1).diagonal().mean())
-    assert abs(out.loss.item() - by_hand.item()) < 1e-12 and "loss_nn" not in out.terms
+    assert abs(term.item() - by_hand.item()) < 1e-12
+    # the SimCLR method is exactly that term on the model's outputs, and nothing else
+    model = tiny_model(torch.float64)
+    x = torch.randn(5, 3, 16, 16, generator=gen, dtype=torch.float64)
+    loss, metrics = SimCLR(method_cfg("simclr"), model).training_step({"x1": x, "x2": x.flip(-1), "id": torch.arange(5)})
+    z1, p1, z2, p2 = model(x, x.flip(-1))
+    assert loss.item() == view_term(z1, z2, Predictions.gather(p1, p2), TAU).item() and set(metrics) == {"loss", "loss_view"}
 
 
 def test_topk_neighbour_term_averages_valid_neighbours_and_skips_empty_samples():
@@ -77,23 +93,23 @@ def test_topk_neighbour_term_averages_valid_neighbours_and_skips_empty_samples()
     z1, z2, p1, p2 = (torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(4))
     nn = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
     valid = torch.tensor([[True, True], [True, False], [False, False]])
-    out = HNCLLoss(TAU, view_weight=0.0, nn_weight=2.0)(z1, z2, p1, p2, nn, valid)
+    preds = Predictions.gather(p1, p2)
+    term = neighbour_term(nn, valid, nn, valid, preds, TAU)
     pairs2 = nce_per_sample(nn, p2, 0, TAU)  # [3, 2]
     pairs1 = nce_per_sample(nn, p1, 0, TAU)
     per_sample = [0.5 * (pairs2[0].mean() + pairs1[0].mean()), 0.5 * (pairs2[1, 0] + pairs1[1, 0])]
-    expected = 2.0 * (per_sample[0] + per_sample[1]) / 2  # sample 2 has no neighbour: left out
-    assert abs(out.loss.item() - expected.item()) < 1e-12
-    empty = HNCLLoss(TAU, view_weight=0.0, nn_weight=1.0)(z1, z2, p1, p2, nn, torch.zeros_like(valid))
-    assert empty.loss.item() == 0.0 and empty.terms["loss_nn"] == 0.0  # no NaN from 0/0
+    expected = (per_sample[0] + per_sample[1]) / 2  # sample 2 has no neighbour: left out
+    assert abs(term.item() - expected.item()) < 1e-12
+    empty = neighbour_term(nn, torch.zeros_like(valid), nn, torch.zeros_like(valid), preds, TAU)
+    assert empty.item() == 0.0  # no NaN from 0/0
 
 
 def test_training_step_metrics_purity_and_fill():
     model = tiny_model()
-    queue = ShardedNeighborQueue(8, 12, 4)
+    step = HNCL(method_cfg("hncl", **{"method.queue_size": 8, "descriptor.dim": 4, "method.topk": 2}), model)
     keys = torch.eye(4).repeat(2, 1)  # slot j has descriptor e_(j mod 4)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    queue.enqueue(keys, torch.randn(8, 12), torch.arange(8), labels)
-    step = HNCL(model, queue, HNCLLoss(TAU), topk=2)
+    step.queue.enqueue(keys, torch.randn(8, 12), torch.arange(8), labels)
     x = torch.randn(4, 3, 16, 16)
     batch = {"x1": x, "x2": x.flip(-1), "id": torch.arange(100, 104), "desc": torch.eye(4)[[0, 1, 2, 2]],
              "label": torch.tensor([0, 1, 3, -1])}
@@ -145,12 +161,12 @@ def test_batch_heatmap_neighbours_index_the_global_batch(run_distributed):
 
 def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
     model = tiny_model()
-    queue = ShardedNeighborQueue(8, 12, 2)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     # samples 0,1 share a heatmap, 2,3 share another: each one's in-batch neighbour is its pair
     batch = {"x1": x, "x2": x.flip(-1), "id": torch.arange(4), "desc": torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]),
              "label": torch.tensor([0, 0, 1, 2])}
-    loss, m = HNCL(model, queue, HNCLLoss(TAU), topk=1, batch_neighbours=1).training_step(batch)
+    cfg = method_cfg("hncl", **{"method.queue_size": 8, "descriptor.dim": 2, "method.batch_neighbours": 1})
+    loss, m = HNCL(cfg, model).training_step(batch)
     assert m["batch_nn_purity"] == pytest.approx(0.5)  # 0<->1 agree, 2<->3 do not
     # the term is the pairs' multi-positive InfoNCE, and it is part of the loss (empty queue: no nn term)
     with torch.no_grad():
@@ -158,25 +174,47 @@ def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
     pos = torch.tensor([[1], [0], [3], [2]])
     want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU) + multi_positive_nce(z2, p1, pos, TAU)).mean()
     assert m["loss_batch_nn"] == pytest.approx(float(want), rel=1e-5)
-    assert float(loss) == pytest.approx(m["loss_view"] + m["loss_batch_nn"], rel=1e-5)
-    with pytest.raises(ValueError, match="heatmap queue"):
-        HNCL(model, None, HNCLLoss(TAU), batch_neighbours=2)
+    assert float(loss.detach()) == pytest.approx(m["loss_view"] + m["loss_batch_nn"], rel=1e-5)
 
 
-def test_build_from_config_none_space_is_baseline():
-    cfg = load_config("configs/debug.yaml", ["method.nn_space=none", "model.proj_out=12"])
-    h = build_hncl(cfg, tiny_model())
-    assert h.queue is None
-    cfg = load_config("configs/debug.yaml", ["method.queue_dtype=float16"])
-    h = build_hncl(cfg, tiny_model())
+def test_supervised_positives_are_the_label_mates_of_the_global_batch():
+    model = tiny_model(torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 3, 16, 16, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, -1, 1])
+    loss, m = Supervised(method_cfg("supervised"), model).training_step(
+        {"x1": x, "x2": x.flip(-1), "id": torch.arange(5), "label": labels})
+    z1, p1, z2, p2 = model(x, x.flip(-1))
+    pos = torch.tensor([[0, 2], [1, 4], [0, 2], [3, -1], [1, 4]])  # itself (the other view) + same label
+    want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU) + multi_positive_nce(z2, p1, pos, TAU)).mean()
+    assert abs(loss.item() - want.item()) < 1e-12 and m["loss_supervised"] == pytest.approx(want.item(), abs=1e-12)
+    assert torch.equal(positives_term(z1, z2, Predictions.gather(p1, p2), pos, TAU), loss)
+
+
+def test_registry_builds_every_method_by_name_and_old_settings_say_what_to_write():
+    assert set(METHODS) == {"simclr", "nnclr", "hncl", "supervised"}
+    for name in METHODS:
+        cfg = method_cfg(name, **{"method.queue_size": 64})
+        method = build_method(cfg, tiny_model())
+        assert isinstance(method, method_class(name)) and method.name == name
+        assert (method.state_name == "queue") == (name in ("nnclr", "hncl"))
+    cfg = load_config("configs/debug.yaml", ["method.queue_dtype=float16", "model.proj_out=12"])
+    h = build_method(cfg, tiny_model())
     assert h.queue.keys.shape == (1024, 64) and h.queue.values.dtype == torch.float16
+    assert build_method(method_cfg("nnclr"), tiny_model()).queue.keys is None  # searches the embeddings
+    for old, new in (("method.nn_space=none", "method.name=simclr"), ("method.view_weight=0", "method.name")):
+        with pytest.raises(ConfigError, match=new):
+            load_config("configs/debug.yaml", [old])
+    with pytest.raises(ConfigError, match="method.name.*allowed values: simclr, nnclr, hncl, supervised"):
+        load_config(None, ["method.name=byol"])
 
 
 def _ddp_steps():
     rank = dist.get_rank()
     model = torch.nn.parallel.DistributedDataParallel(tiny_model(seed=0))
-    queue = ShardedNeighborQueue(32, 12, 4)  # 16 slots per rank: room for all 12 entries
-    step = HNCL(model, queue, HNCLLoss(TAU), topk=1)
+    # 16 slots per rank: room for all 12 entries
+    step = HNCL(method_cfg("hncl", **{"method.queue_size": 32, "descriptor.dim": 4}), model)
+    queue = step.queue
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(rank)
     for i in range(3):
@@ -196,3 +234,16 @@ def test_ddp_keeps_each_ranks_own_queue_slice(run_distributed):
     assert torch.equal(w0, w1)  # DDP kept the replicas in sync...
     assert set(ids0[ids0 >= 0].tolist()) == {0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23}
     assert set(ids1[ids1 >= 0].tolist()) == {100, 101, 102, 103, 110, 111, 112, 113, 120, 121, 122, 123}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_modules_example_runs(name, monkeypatch):
+    """Every method module carries a runnable example in its docstring (from the repo root)."""
+    import doctest
+    import importlib
+    import os
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    module = importlib.import_module(METHODS[name].split(":")[0])
+    result = doctest.testmod(module, raise_on_error=False, report=True)
+    assert result.attempted >= 5 and result.failed == 0

@@ -77,7 +77,7 @@ def test_debug_mode_runs_in_process_without_ray_and_resumes(shard_set, tmp_path)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_path, monkeypatch):
-    from hncl.method import HNCL
+    from hncl.methods.hncl import HNCL
     from hncl.train.launch import pretrain_local
     from hncl.train.loop import NonFiniteLossError
 

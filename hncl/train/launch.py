@@ -7,8 +7,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from hncl.config import run_dir as run_dir_of
+from hncl.config import value
 from hncl.raycluster import connect_ray
-from hncl.train.loop import init_local_process_group, run_dir_of, train_loop_per_worker
+from hncl.train.loop import init_local_process_group, train_loop_per_worker
 
 
 def _container(cfg) -> dict:
@@ -19,7 +21,7 @@ def pretrain_local(cfg) -> dict:
     """Debug mode: the same loop in this process, no Ray (breakpoints work). Under torchrun,
     each process is one rank of a gloo/nccl group."""
     config = {"cfg": _container(cfg), "session": "local"}
-    if cfg.dist.strategy.value != "deepspeed":
+    if value(cfg.dist.strategy) != "deepspeed":
         init_local_process_group()  # under torchrun; a single plain process needs none
         return train_loop_per_worker(config)
     # DeepSpeed looks for MPI unless the torch.distributed variables are set, and needs a group
@@ -54,7 +56,6 @@ def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
 
 def run_on_ray(cfg, loop, address: Optional[str] = None) -> dict:
     """Run `loop({"cfg", "session": "ray"})` on dist.num_workers Ray Train workers."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

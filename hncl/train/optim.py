@@ -7,6 +7,8 @@ from typing import List
 
 import torch
 
+from hncl.config import value
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     """No weight decay on biases and norm layers, as in SimCLR/BYOL/NNCLR (timm's LARS then also
@@ -21,7 +23,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
-    name = str(getattr(optim_cfg.name, "value", optim_cfg.name))
+    name = value(optim_cfg.name)
     lr = optim_cfg.lr * (global_batch / 256 if optim_cfg.scale_lr else 1.0)
     groups = param_groups(model, optim_cfg.weight_decay)
     if name == "sgd":

@@ -1,0 +1,32 @@
+"""Pretraining methods, one module each, found by `method.name`.
+
+Adding a method: one module here with a `Method` subclass, and one line in METHODS. The
+engine (hncl.train.engine) and the pretraining loop (hncl.train.loop) need no change: they
+call `training_step`, and checkpoint whatever `state_dict` returns per rank.
+
+METHODS maps names to "module:Class" so that reading a config does not import torch.
+"""
+
+import importlib
+
+METHODS = {
+    "simclr": "hncl.methods.simclr:SimCLR",  # two views only: the baseline
+    "nnclr": "hncl.methods.nnclr:NNCLR",  # + embedding-nearest queue entry (exactly NNCLR)
+    "hncl": "hncl.methods.hncl:HNCL",  # + heatmap-nearest queue entries and in-batch faces
+    "supervised": "hncl.methods.supervised:Supervised",  # labels as positives: the upper bound
+}
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(cfg, model, device="cpu", descriptor=None, autocast=None):
+    """The method `cfg.method.name` for a (possibly DDP/DeepSpeed-wrapped) model; call after the
+    process group is up (a queue is split over its ranks)."""
+    from hncl.config import value
+
+    return method_class(value(cfg.method.name))(cfg, model, device=device, descriptor=descriptor, autocast=autocast)

@@ -1,0 +1,124 @@
+"""What every pretraining method is to the engine: a training step, and state of its own."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.profiler import record_function
+
+from hncl import dist as hdist
+from hncl.queue import ShardedNeighborQueue, reshard_states
+
+Batch = Dict[str, torch.Tensor]
+
+
+class Method(abc.ABC):
+    """A pretraining method: `training_step(batch) -> (this rank's loss, global metrics)`.
+
+    batch: x1, x2 (two views [B, 3, H, W]), id [B] int64, label [B] (-1 = none), heatmap
+    [B, 68, R, R] uint8 (or desc [B, Dh]). The model maps (x1, x2) -> (z1, p1, z2, p2):
+    projections and predictions; it may be wrapped by DDP or DeepSpeed. State beyond the model's
+    weights (a queue slice) is per rank: `state_dict()` is saved as `{state_name}_rank{r}.pt`.
+    """
+
+    name = ""
+    state_name: Optional[str] = None  # None: nothing to checkpoint beyond the model
+
+    def __init__(self, cfg, model: torch.nn.Module, device: torch.device | str = "cpu",
+                 descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.temperature = float(cfg.method.temperature)
+        self.descriptor = descriptor  # stored heatmaps -> descriptors, on the device
+        # mixed precision for the network only: neighbour search and loss stay in float32
+        self.autocast = autocast or contextlib.nullcontext
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, ...]:
+        """z1, p1, z2, p2 of the two views, in float32 even under mixed precision."""
+        with self.autocast(), record_function("hncl/model_forward"):
+            outputs = self.model(batch["x1"], batch["x2"])
+        return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in outputs)
+
+    def descriptors(self, batch: Batch) -> torch.Tensor:
+        with record_function("hncl/descriptor"):
+            if "desc" in batch:
+                return batch["desc"]
+            if self.descriptor is None or "heatmap" not in batch:
+                raise ValueError(f"{self.name} needs batch['desc'] or batch['heatmap'] plus a descriptor")
+            return self.descriptor(batch["heatmap"])
+
+    @abc.abstractmethod
+    def training_step(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """This rank's loss (mean over ranks = the global loss) and global metrics."""
+
+    # -- per-rank state ----------------------------------------------------------------------
+    def state_dict(self) -> Optional[dict]:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def reshard(self, states: List[dict], world_size: int) -> List[dict]:
+        """The per-rank states of a run saved on another world size, re-split for this one."""
+        raise NotImplementedError(f"{self.name} has no per-rank state to re-split")
+
+    def digest(self) -> Optional[str]:
+        """A fingerprint of this rank's state (written to resumes.jsonl on every resume)."""
+        return None
+
+
+class QueueMethod(Method):
+    """A method that draws positives from a ShardedNeighborQueue (method.queue_size slots over
+    all ranks, method.topk neighbours per query); the queue is its per-rank state."""
+
+    state_name = "queue"
+
+    def __init__(self, cfg, model, key_dim: Optional[int] = None, **kwargs):
+        super().__init__(cfg, model, **kwargs)
+        from hncl.config import value
+
+        me = cfg.method
+        self.topk = int(me.topk)
+        self.queue = ShardedNeighborQueue(me.queue_size, cfg.model.proj_out, key_dim,
+                                          dtype=getattr(torch, value(me.queue_dtype)), device=self.device)
+
+    def state_dict(self) -> dict:
+        return self.queue.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue.load_state_dict(state)
+
+    def reshard(self, states: List[dict], world_size: int) -> List[dict]:
+        return reshard_states(states, world_size, self.queue.capacity)
+
+    def digest(self) -> str:
+        return self.queue.digest()
+
+    def neighbour_metrics(self, n, labels: Optional[torch.Tensor],
+                          batch_pos: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Queue fill, mean neighbour score and (labels known) the label purity of the queue's and
+        the in-batch positives, global (one all-reduce)."""
+        valid = n.valid
+        stats = [valid.sum(), torch.where(valid, n.scores, torch.zeros_like(n.scores)).sum(),
+                 (self.queue.ids >= 0).sum()]
+        if labels is not None:
+            labels = labels.to(n.labels.device)
+            known = valid & (n.labels >= 0) & (labels.unsqueeze(1) >= 0)
+            stats += [known.sum(), (known & (n.labels == labels.unsqueeze(1))).sum()]
+            if batch_pos is not None:
+                mine = labels.to(batch_pos.device)
+                pos_labels = torch.where(batch_pos >= 0, hdist.all_gather_rows(mine)[batch_pos.clamp(min=0)], -1)
+                known_b = (pos_labels >= 0) & (mine.unsqueeze(1) >= 0)
+                stats += [known_b.sum(), (known_b & (pos_labels == mine.unsqueeze(1))).sum()]
+        s = hdist.all_reduce_sum(torch.stack([t.double() for t in stats]))
+        out = {"queue_fill": float(s[2]) / self.queue.capacity,
+               "nn_score": float(s[1] / s[0]) if s[0] > 0 else float("nan")}
+        if labels is not None:
+            out["nn_purity"] = float(s[4] / s[3]) if s[3] > 0 else float("nan")
+            if batch_pos is not None:
+                out["batch_nn_purity"] = float(s[6] / s[5]) if s[5] > 0 else float("nan")
+        return out

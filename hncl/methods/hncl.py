@@ -1,0 +1,101 @@
+"""HNCL: heatmap neighbour contrastive learning (Liu et al., IEEE TMM 2025). NNCLR with the
+neighbour search moved from the learned embedding into facial-landmark-heatmap space, where
+expression lives and identity, lighting and pose mostly do not.
+
+    h        = descriptor(stored landmark heatmaps)        (fixed, from the shard set)
+    nn       = the queue entries nearest to h (top-k), their stored embeddings (no gradient)
+    nb       = each face's n heatmap-nearest faces within the global batch (method.batch_neighbours)
+    loss     = 1/2 [NCE(z1, p2) + NCE(z2, p1)]                         (the two views)
+             + lambda 1/2 [NCE(nn, p2) + NCE(nn, p1)]                   (queue neighbours)
+             + lambda 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]           (in-batch neighbours)
+    queue.enqueue(h, z1)
+
+One heatmap per image: both views share its neighbours. The in-batch term is the project's
+own addition (README, Demo): unlike a stored queue entry, those embeddings are fresh and carry
+gradient on both sides; with the queue term alone HNCL only tied the two-view baseline.
+
+Example (one process)::
+
+    >>> import torch
+    >>> from hncl.config import load_config
+    >>> from hncl.methods import build_method
+    >>> from hncl.model import HNCLModel
+    >>> cfg = load_config("configs/debug.yaml", ["method.queue_size=64", "method.batch_neighbours=1",
+    ...                                          "descriptor.dim=2"])
+    >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
+    >>> hncl = build_method(cfg, model)  # in training, descriptor= maps stored heatmaps to desc
+    >>> x = torch.randn(4, 3, 32, 32)
+    >>> batch = {"x1": x, "x2": x.flip(-1), "id": torch.arange(4), "label": torch.tensor([0, 0, 1, 1]),
+    ...          "desc": torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])}
+    >>> loss, metrics = hncl.training_step(batch)
+    >>> metrics["batch_nn_purity"]  # each face's in-batch heatmap neighbour is its pair
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from hncl import dist as hdist
+from hncl.loss import Predictions, neighbour_term, positives_term, report, view_term
+from hncl.methods.base import QueueMethod
+from hncl.queue import topk_stable
+
+
+@torch.no_grad()
+def batch_heatmap_neighbours(desc: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] global-batch indices of each local sample's n nearest heatmap descriptors among
+    all ranks' samples (itself excluded; -1 where the global batch is too small)."""
+    local = F.normalize(desc.float(), dim=1)
+    sizes = hdist.gather_sizes(desc.shape[0], desc.device)
+    desc_all = hdist.all_gather_rows(local, sizes)
+    offset = sum(sizes[: hdist.rank()])
+    sim = local @ desc_all.T
+    own = torch.arange(desc.shape[0], device=desc.device) + offset
+    sim[torch.arange(desc.shape[0], device=desc.device), own] = float("-inf")
+    m = min(n, desc_all.shape[0] - 1)
+    val, idx = topk_stable(sim, m) if m > 0 else (sim[:, :0], sim[:, :0].long())
+    idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
+    if m < n:
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], n - m), -1)], dim=1)
+    return idx
+
+
+class HNCL(QueueMethod):
+    name = "hncl"
+
+    def __init__(self, cfg, model, key_dim=None, **kwargs):
+        # the shard set's descriptor size (key_dim) overrides cfg.descriptor.dim
+        descriptor = kwargs.get("descriptor")
+        key_dim = key_dim or getattr(descriptor, "dim", None) or cfg.descriptor.dim
+        super().__init__(cfg, model, key_dim=key_dim, **kwargs)
+        self.nn_weight = float(cfg.method.nn_weight)
+        self.batch_neighbours = int(cfg.method.batch_neighbours)
+
+    def training_step(self, batch):
+        z1, p1, z2, p2 = self.forward(batch)
+        ids, labels = batch["id"], batch.get("label")
+        desc = self.descriptors(batch)
+        with record_function("hncl/queue_lookup"):
+            n = self.queue.lookup(desc, ids, self.topk)  # before this batch is enqueued
+        batch_pos = None
+        if self.batch_neighbours:
+            with record_function("hncl/batch_neighbours"):
+                batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours)
+        with record_function("hncl/loss"):
+            preds = Predictions.gather(p1, p2)
+            terms = {"loss_view": view_term(z1, z2, preds, self.temperature)}
+            terms["loss_nn"] = neighbour_term(n.embeddings, n.valid, n.embeddings, n.valid, preds, self.temperature)
+            loss = terms["loss_view"] + self.nn_weight * terms["loss_nn"]
+            if batch_pos is not None:
+                terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature)
+                loss = loss + self.nn_weight * terms["loss_batch_nn"]
+            terms["loss"] = loss
+            metrics = report(terms)
+        with record_function("hncl/neighbour_metrics"):
+            metrics.update(self.neighbour_metrics(n, labels, batch_pos))
+        with record_function("hncl/queue_enqueue"):
+            self.queue.enqueue(desc, z1.detach(), ids, labels)
+        return loss, metrics

@@ -1,0 +1,282 @@
+"""One rank's training machinery, the same for pretraining, full fine-tuning and linear probing:
+the device, the strategy (DDP or DeepSpeed), mixed precision, the step (backward, gradient
+clipping, optimiser, scheduler), checkpoints (model, optimiser, scheduler, RNG and a method's
+per-rank state, e.g. its queue slice), the metrics log and fault injection.
+
+What is trained, on which data and with which loss is the caller's: `hncl.train.loop` for
+pretraining (a Method from hncl/methods), `hncl.finetune` for fine-tuning and probing.
+
+Checkpoint folder (one per saved step; written through a Session: Ray Train or a plain run
+directory): model.safetensors, optimizer.pt, scheduler.pt (or DeepSpeed's deepspeed/ folder),
+rng_rank{r}.json, {method.state_name}_rank{r}.pt for every rank, train_state.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import random
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from hncl import dist as hdist
+from hncl import storage
+from hncl.config import run_dir as run_dir_of
+from hncl.config import value
+from hncl.errors import UserError
+from hncl.train.metrics import MetricsLog
+from hncl.train.session import Session
+
+_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_for(cfg) -> torch.device:
+    """This rank's device: its local GPU with dist.use_gpu, else the CPU."""
+    if cfg.dist.use_gpu:
+        if not torch.cuda.is_available():
+            raise UserError("dist.use_gpu=true but this worker sees no CUDA device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x
+                                                  for x in np.random.get_state()],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
+    precision = value(cfg.dist.precision)
+    ds = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": cfg.dist.zero_stage},
+          # our own torch optimiser (SGD, AdamW, LARS) is handed to DeepSpeed; ZeRO partitions any
+          # torch optimiser's state, but refuses those outside its own list unless told
+          "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if grad_clip:
+        ds["gradient_clipping"] = grad_clip
+    # BatchNorm buffers must follow the half-precision parameters or the forward fails
+    if precision == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"buffer_dtype": "bf16"}
+    elif precision == "float16":
+        ds["fp16"] = {"enabled": True}
+        ds["data_types"] = {"buffer_dtype": "fp16"}
+    return ds
+
+
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+    """SyncBatchNorm where asked (DDP over several ranks), on the device, channels_last on GPU."""
+    if cfg.model.sync_bn and hdist.world_size() > 1 and value(cfg.dist.strategy) == "ddp":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Engine:
+    """Wraps `model` for this rank's strategy and steps it. `module` is what to call (DDP,
+    the DeepSpeed engine, or the model); `model` stays the plain module (for its weights).
+
+    strategy: cfg.dist.strategy, or "local" (no wrapper: one rank trains alone, e.g. a linear
+    probe on rank 0). With a `session`, checkpoints go through it; with `log`, metrics go to
+    the run directory's metrics.jsonl/csv and TensorBoard (rank 0)."""
+
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
+                 *, batch_size: int = 1, grad_clip: Optional[float] = None, strategy: Optional[str] = None,
+                 session: Optional[Session] = None, log: bool = False):
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = hdist.rank(), hdist.world_size()
+        self.strategy = strategy or value(cfg.dist.strategy)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_clip = grad_clip
+        self.deepspeed = None
+        precision = value(cfg.dist.precision)
+        if self.strategy == "deepspeed":
+            import deepspeed
+
+            self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, batch_size, grad_clip), dist_init_required=False)
+            self.module = self.deepspeed
+        elif self.strategy == "ddp" and self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.module = model
+        self.autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
+        if device.type == "cuda" and precision in _HALF and self.strategy != "deepspeed":
+            self.autocast = lambda: torch.autocast("cuda", dtype=_HALF[precision])  # noqa: E731
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast and precision == "float16" else None
+        # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs: the inputs must follow
+        self.input_dtype = _HALF.get(precision) if self.deepspeed is not None else None
+        self.session = session
+        self.run_dir = run_dir_of(cfg)
+        self.log = MetricsLog(self.run_dir, enabled=self.rank == 0) if log else None
+
+    # -- a step --------------------------------------------------------------------------------
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch as the wrapped model takes it (dtype, memory format)."""
+        if self.input_dtype is not None:
+            x = x.to(self.input_dtype)
+        return x.contiguous(memory_format=torch.channels_last if self.device.type == "cuda"
+                            else torch.contiguous_format)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, clip, optimiser step, scheduler step."""
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss)
+            self.deepspeed.step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, train_state: dict, metrics: Dict[str, float], method=None) -> None:
+        """Collective: every rank writes its files, the session commits them."""
+        if self.log is not None:
+            self.log.flush()
+
+        def write(folder: str) -> None:
+            r = self.rank
+            if self.deepspeed is not None:
+                self.deepspeed.save_checkpoint(folder, tag="deepspeed")
+            elif r == 0:
+                save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                          os.path.join(folder, "model.safetensors"))
+                torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+                torch.save(self.scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+            if method is not None and method.state_name:
+                torch.save(method.state_dict(), os.path.join(folder, f"{method.state_name}_rank{r}.pt"))
+            with open(os.path.join(folder, f"rng_rank{r}.json"), "w") as f:
+                json.dump(rng_state(), f)
+            if r == 0:
+                with open(os.path.join(folder, "train_state.json"), "w") as f:
+                    json.dump({**train_state, "step": step, "world_size": self.world, "strategy": self.strategy,
+                               **({"method": method.name} if method is not None else {})}, f)
+
+        self.session.save(step, write, {**metrics, "step": step})
+
+    def restore(self, method=None) -> Optional[dict]:
+        """Load the latest checkpoint, if any, into the model, optimiser, scheduler, RNG and
+        `method`'s per-rank state; returns its train_state.json (None: a new run)."""
+        folder = self.session.restore_dir() if self.session is not None else None
+        if folder is None:
+            return None
+        with open(os.path.join(folder, "train_state.json")) as f:
+            state = json.load(f)
+        if state["strategy"] != self.strategy:
+            raise UserError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "
+                            f"this run uses {self.strategy}. Use a new run.name.")
+        if method is not None and state.get("method", method.name) != method.name:
+            raise UserError(f"checkpoint in {self.run_dir} was written by method {state['method']}; this run "
+                            f"uses {method.name}. Use a new run.name.")
+        if self.deepspeed is not None:
+            self.deepspeed.load_checkpoint(folder, tag="deepspeed")
+        else:
+            with open(os.path.join(folder, "model.safetensors"), "rb") as f:  # read, not mmap: robust to
+                weights = load_safetensors(f.read())                         # files replaced underneath
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
+                                                      weights_only=True))
+            self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
+        if method is not None and method.state_name:
+            self._restore_method(method, folder, state["world_size"])
+        rng = os.path.join(folder, f"rng_rank{self.rank}.json")
+        if os.path.exists(rng):
+            with open(rng) as f:
+                set_rng_state(json.load(f))
+        if self.log is not None:
+            self.log.truncate_after(state["step"])
+        self._record_resume(state, method)
+        return state
+
+    def _restore_method(self, method, folder: str, saved_world: int) -> None:
+        prefix = method.state_name
+        files = sorted(glob.glob(os.path.join(folder, f"{prefix}_rank*.pt")))
+        if len(files) != saved_world:
+            raise UserError(f"checkpoint {folder} has {len(files)} {prefix} slices for world size {saved_world}")
+        if saved_world == self.world:
+            method.load_state_dict(torch.load(os.path.join(folder, f"{prefix}_rank{self.rank}.pt"), weights_only=True))
+            return
+        if not self.cfg.run.reshard_queue:
+            raise UserError(
+                f"the checkpoint's neighbour queue is split over {saved_world} ranks but this run has {self.world}. "
+                f"Resume with dist.num_workers={saved_world}, or set run.reshard_queue=true to re-split the "
+                f"queue over {self.world} ranks (newest entries kept).")
+        states = [torch.load(f, weights_only=True) for f in files]
+        method.load_state_dict(method.reshard(states, self.world)[self.rank])
+
+    def _record_resume(self, state: dict, method) -> None:
+        """Append to resumes.jsonl which step the run came back from and a digest of every rank's
+        restored method state (compare with hncl.queue.state_digest of the checkpoint's files)."""
+        digest = method.digest() if method is not None else None
+        digests = [digest]
+        if hdist.is_distributed():
+            digests = [None] * self.world
+            dist.all_gather_object(digests, digest)
+        if self.rank == 0:
+            url = storage.join(self.run_dir, "resumes.jsonl")
+            old = storage.read_bytes(url).decode() if storage.exists(url) else ""
+            line = json.dumps({"step": state["step"], "saved_world_size": state["world_size"], "world_size": self.world,
+                               "queue_digests": digests, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            storage.write_bytes(url, (old + line + "\n").encode())
+
+    # -- faults --------------------------------------------------------------------------------
+    def maybe_fail(self, step: int) -> None:
+        """Fault injection for tests (run.fail_at_step / run.fail_rank): that rank dies once."""
+        cfg = self.cfg.run
+        if cfg.fail_at_step is None or step != cfg.fail_at_step or self.rank != cfg.fail_rank:
+            return
+        marker = storage.join(self.run_dir, ".fault_injected")
+        if storage.exists(marker):
+            return
+        storage.write_bytes(marker, b"")
+        print(f"[hncl] fault injection: rank {self.rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
