@@ -82,6 +82,20 @@ def put_file(local_path: str, url: str) -> None:
         os.replace(tmp, url)
 
 
+def upload_dir(local: str, url: str, keep: bool = False) -> None:
+    """Every file under the local folder `local` to the same relative path under `url`, each
+    atomically; the local files are consumed unless `keep`."""
+    for root, _, files in os.walk(local):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            target = join(url, os.path.relpath(path, local))
+            if keep:
+                with open(path, "rb") as f:
+                    write_bytes(target, f.read())
+            else:
+                put_file(path, target)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     fd, local = tempfile.mkstemp(prefix="hncl-", suffix=".part")
     with os.fdopen(fd, "wb") as f:

@@ -1,7 +1,6 @@
 """The demo pipeline end to end at a tiny size (one process): report structure and consistency."""
 
 import json
-import os
 
 from hncl.cli import main
 

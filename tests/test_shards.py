@@ -1,6 +1,5 @@
 """make_shards and the streaming reader on real files, real processes, real Ray and real S3."""
 
-import hashlib
 import os
 import re
 import shutil

@@ -22,18 +22,6 @@ def view_transform(size: int, min_scale: float = 0.6) -> v2.Compose:
     ])
 
 
-class TwoViews:
-    """uint8 [B, 3, H, W] -> two float views [B, 3, size, size], each image augmented on its own."""
-
-    def __init__(self, size: int, min_scale: float = 0.6):
-        self.transform = view_transform(size, min_scale)
-
-    def __call__(self, images: torch.Tensor):
-        v1 = torch.stack([self.transform(im) for im in images])
-        v2_ = torch.stack([self.transform(im) for im in images])
-        return v1, v2_
-
-
 class BatchViews:
     """The same recipe as view_transform, applied to a whole uint8 batch [B, 3, H, W] in one
     kornia call per view (each image still gets its own random parameters). Runs wherever the

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Dict, List, Optional
 

@@ -69,12 +69,7 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.flush()
         if self.remote:
-            for root, _, files in os.walk(self.local):
-                for name in files:
-                    path = os.path.join(root, name)
-                    rel = os.path.relpath(path, self.local)
-                    with open(path, "rb") as fh:
-                        storage.write_bytes(storage.join(self.run_dir, rel), fh.read())
+            storage.upload_dir(self.local, self.run_dir, keep=True)
 
     def close(self) -> None:
         self.flush()

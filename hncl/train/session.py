@@ -109,15 +109,7 @@ class LocalSession(Session):
         folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
         try:
             write(folder)
-            for name in sorted(os.listdir(folder)):
-                src = os.path.join(folder, name)
-                if os.path.isdir(src):  # DeepSpeed writes a sub-folder per tag
-                    for root, _, files in os.walk(src):
-                        for f in files:
-                            rel = os.path.relpath(os.path.join(root, f), folder)
-                            storage.put_file(os.path.join(root, f), storage.join(url, rel))
-                else:
-                    storage.put_file(src, storage.join(url, name))
+            storage.upload_dir(folder, url)  # DeepSpeed's sub-folder per tag included
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.barrier()  # every rank's files are in place
