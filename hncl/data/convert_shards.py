@@ -23,7 +23,6 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -44,7 +43,6 @@ class ConvertJob:
     out: str
 
 
-@lru_cache(maxsize=4)
 def _source_manifest(src: str) -> dict:
     return storage.read_json(storage.join(src, "manifest.json"))
 
@@ -154,7 +152,6 @@ def convert_shards(src: str, out: str, workers: int = 1, ray_address: Optional[s
         raise MakeShardsError(f"--out must differ from the set being converted ({src}): shards are rewritten")
     if not storage.exists(storage.join(src, "manifest.json")):
         raise FileNotFoundError(f"{src} is not a finished shard set (no manifest.json)")
-    _source_manifest.cache_clear()
     manifest = _source_manifest(src)
     fmt = check_format(manifest, src)
     if fmt != FORMAT_V1:
