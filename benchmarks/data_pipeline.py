@@ -3,9 +3,9 @@
 All variants produce what a training step consumes: two augmented views at --size px (and,
 for ours, the stored heatmap), from the same faces. One process, one thread, no loader workers,
 so the figure is per core. Variants:
-  shards/per-sample views   hncl.data.shards.train_pipeline + torchvision v2 per image (hncl today)
-  shards/batched views      the same decode, then one kornia call per batch for all views
-  shards/decode only        tar + JPEG (libjpeg-turbo) + heatmap decode and collate, no views:
+  shards v2/per-sample views  hncl.data.shards.train_pipeline + torchvision v2 per image (hncl today)
+  shards v2/batched views   the same decode, then one kornia call per batch for all views
+  shards v2/decode only     tar + JPEG (libjpeg-turbo) + heatmap decode and collate, no views:
                             what the loader does with data.augment_on=device (format v2)
   shards v1/decode only     the same from the same faces in format v1 (four tar members per sample)
   imagefolder               torchvision ImageFolder + PIL loader, torchvision v2 views per image
@@ -151,10 +151,10 @@ def main(argv=None) -> Dict:
                 yield from dl
 
         variants = {
-            "shards/per-sample views": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500,
+            "shards v2/per-sample views": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500,
                                                               view_transform=view_transform(args.size)),
-            "shards/batched views": shards_batched,
-            "shards/decode only": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500),
+            "shards v2/batched views": shards_batched,
+            "shards v2/decode only": lambda: train_pipeline(shards, args.batch, shuffle_buffer=500),
             "shards v1/decode only": lambda: train_pipeline(shards_v1, args.batch, shuffle_buffer=500),
             "imagefolder": lambda: folder(False),
         }
@@ -163,7 +163,7 @@ def main(argv=None) -> Dict:
             for name, make in variants.items():
                 rates[name].append(rate(make(), args.samples, args.chunks))
                 print(f"  {name}: {rates[name][-1]:.0f} samples/s", flush=True)
-            v2, v1, base = (rates[k][-1] for k in ("shards/decode only", "shards v1/decode only", "imagefolder"))
+            v2, v1, base = (rates[k][-1] for k in ("shards v2/decode only", "shards v1/decode only", "imagefolder"))
             print(f"  round {r + 1}: decode only v2 / ImageFolder {v2 / base:.2f}x, v1 / ImageFolder "
                   f"{v1 / base:.2f}x, v2 / v1 {v2 / v1:.2f}x", flush=True)
         online = rate(folder(True), max(args.batch * 3, args.samples // 8))
@@ -198,9 +198,9 @@ def main(argv=None) -> Dict:
     med["imagefolder+online heatmaps"] = online
     base = med["imagefolder"]
     per_round = {
-        "v2_decode_only_vs_imagefolder": [a / b for a, b in zip(rates["shards/decode only"], rates["imagefolder"])],
+        "v2_decode_only_vs_imagefolder": [a / b for a, b in zip(rates["shards v2/decode only"], rates["imagefolder"])],
         "v1_decode_only_vs_imagefolder": [a / b for a, b in zip(rates["shards v1/decode only"], rates["imagefolder"])],
-        "v2_vs_v1_decode_only": [a / b for a, b in zip(rates["shards/decode only"], rates["shards v1/decode only"])],
+        "v2_vs_v1_decode_only": [a / b for a, b in zip(rates["shards v2/decode only"], rates["shards v1/decode only"])],
     }
     write("data_pipeline", {"config": vars(args), "samples_per_s_per_core": med, "rounds": rates,
                             "ratios_per_round": per_round, "bytes_per_sample": bytes_per_sample,

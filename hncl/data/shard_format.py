@@ -110,7 +110,7 @@ def unpack_heatmap(data: memoryview, points: int, resolution: int) -> np.ndarray
     b = boxes.astype(np.int64)
     if ((b[:, 0] + b[:, 2]) > resolution).any() or ((b[:, 1] + b[:, 3]) > resolution).any() \
             or ((b[:, 2] == 0) != (b[:, 3] == 0)).any():
-        raise ValueError(f"heatmap boxes outside the {resolution}x{resolution} grid")
+        raise ValueError(f"heatmap boxes malformed or outside the {resolution}x{resolution} grid")
     n = int((b[:, 2] * b[:, 3]).sum())
     if len(data) != 4 * points + n:
         raise ValueError(f"heatmap boxes hold {n} cells, {len(data) - 4 * points} bytes stored")
