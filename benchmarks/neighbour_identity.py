@@ -25,20 +25,25 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import table, write  # noqa: E402
 
+from hncl.data.shard_format import decode_v2  # noqa: E402
 from hncl.data.shards import ShardSet  # noqa: E402
 from hncl.finetune import extract  # noqa: E402
 from hncl.model import ResNetEncoder, load_encoder_weights  # noqa: E402
 
 
 def identities(shards: ShardSet) -> Dict[int, int]:
-    """Sample id -> synthetic identity, from the shards' JSON metadata."""
+    """Sample id -> synthetic identity, from the shards' JSON metadata (format v1 or v2)."""
     out = {}
     for url in shards.urls:
         with tarfile.open(url) as tf:
             for m in tf.getmembers():
-                if m.name.endswith(".json"):
+                if m.name.endswith(".json"):  # v1
                     meta = json.loads(tf.extractfile(m).read())
-                    out[int(meta["id"])] = int(meta["identity"])
+                elif m.name.endswith(".hncl"):  # v2
+                    meta = decode_v2(tf.extractfile(m).read()).meta
+                else:
+                    continue
+                out[int(meta["id"])] = int(meta["identity"])
     return out
 
 

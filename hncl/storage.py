@@ -58,6 +58,11 @@ def remove(url: str) -> None:
         fs.rm(path)
 
 
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    return int(fs.size(path))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:

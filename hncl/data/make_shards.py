@@ -6,6 +6,7 @@ Each shard is written to a temporary name and moved into place (renamed, or uplo
 PUT) only when complete; a sidecar `.shard-NNNNNN.tar.json` with its counts and sha256 is
 written after it and marks it done. A rerun skips done shards, removes stale temporaries and
 fills the gaps; `manifest.json` is written last, so a set with a manifest is complete.
+Sets are written in format v2 (one tar member per sample) unless `format_version=1` is asked for.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import torch
 from tqdm import tqdm
 
 from hncl import __version__, storage
-from hncl.dist import torch_threads
+from hncl.data.shard_format import DEFAULT_VERSION, FORMAT_V1, FORMATS, check_format, decode_v2, sample_member
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
+from hncl.dist import torch_threads
 from hncl.errors import UserError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.extractors import get_extractor
 
-FORMAT = "hncl-shards/1"
 DESCRIPTOR_SAMPLES = 4096
 
 
@@ -54,6 +55,7 @@ class ShardJob:
     image_size: int = 112
     resolution: int = 16
     batch_size: int = 32
+    format_version: int = DEFAULT_VERSION  # 2, or 1 for readers older than hncl-shards/2
 
 
 @lru_cache(maxsize=4)
@@ -73,7 +75,8 @@ def run_shard(job: ShardJob, index: int, start: int, stop: int) -> dict:
     source, processor = _worker_state(job)
     tmp_dir = None if storage.is_remote(job.out) else job.out  # same filesystem: the rename is atomic
     with torch_threads(1):
-        path, stats = build_shard(source, processor, index, start, stop, job.source, job.batch_size, tmp_dir)
+        path, stats = build_shard(source, processor, index, start, stop, job.source, job.batch_size, tmp_dir,
+                                  job.format_version)
     storage.put_file(path, storage.join(job.out, stats.name))
     storage.write_json(_sidecar(job, stats.name), asdict(stats))
     return asdict(stats)
@@ -102,11 +105,20 @@ def _finished(job: ShardJob, the_plan: List[tuple]) -> Dict[str, dict]:
                     f"{job.out} holds a different shard set ({name} covers rows {stats['start']}-{stats['stop']}, "
                     f"this run plans {start}-{stop}): the input or --shard-size changed. Use another --out, "
                     f"or delete it.")
+            have = stats.get("format", FORMAT_V1)  # sidecars from before v2 carry no format
+            if have != FORMATS[job.format_version]:
+                raise MakeShardsError(
+                    f"{job.out} holds {have} shards ({name}), this run writes {FORMATS[job.format_version]}: "
+                    f"one set must not mix formats. Resume it with --format {have.rsplit('/', 1)[-1]}, use "
+                    f"another --out, or delete it.")
             done[name] = stats
     return done
 
 
-def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Optional[str], progress: bool) -> None:
+def _run_all(job, todo: List[tuple], workers: int, ray_address: Optional[str], progress: bool,
+             task_fn=run_shard, gpus: int = 0) -> None:
+    """task_fn(job, index, start, stop) for every (shard index, first row, end row) in todo: here,
+    in local processes or as Ray tasks."""
     bar = tqdm(total=len(todo), desc=f"shards -> {job.out}", unit="shard", disable=not progress, file=sys.stderr)
 
     def failed(index: int, start: int, stop: int, err: BaseException) -> MakeShardsError:
@@ -120,8 +132,7 @@ def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Option
             from hncl.raycluster import connect_ray
 
             connect_ray(ray_address)  # 'auto': the cluster on this machine; 'local': a private instance
-            gpus = 1 if job.extractor == "fan" and dict(job.extractor_options).get("device", "cpu") != "cpu" else 0
-            task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(run_shard)
+            task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(task_fn)
             pending = {task.remote(job, *p): p for p in todo}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -134,7 +145,7 @@ def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Option
         elif workers <= 1:
             for p in todo:
                 try:
-                    run_shard(job, *p)
+                    task_fn(job, *p)
                 except (MakeShardsError, ValueError, FileNotFoundError):
                     raise
                 except Exception as e:
@@ -144,7 +155,7 @@ def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Option
             import multiprocessing
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(run_shard, job, *p): p for p in todo}
+                futures = {pool.submit(task_fn, job, *p): p for p in todo}
                 for fut in as_completed(futures):
                     try:
                         fut.result()
@@ -158,15 +169,18 @@ def _run_all(job: ShardJob, todo: List[tuple], workers: int, ray_address: Option
 
 
 def read_heatmaps(out: str, shard_names: List[str], limit: int) -> torch.Tensor:
-    """Up to `limit` stored heatmaps, spread evenly over the shards (deterministic)."""
+    """Up to `limit` stored heatmaps, spread evenly over the shards (deterministic; the same
+    heatmaps from a v1 and a v2 set of the same rows)."""
     per = max(1, math.ceil(limit / max(1, len(shard_names))))
     arrays = []
     for name in shard_names:
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(storage.join(out, name)))) as tar:
-            members = [m for m in tar.getmembers() if m.name.endswith(".heatmap.npy")]
+            members = [m for m in tar.getmembers() if m.name.endswith((".heatmap.npy", ".hncl"))]
             step = max(1, len(members) // per)
             for m in members[::step][:per]:
-                arrays.append(np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False))
+                data = tar.extractfile(m).read()
+                arrays.append(decode_v2(data, where=f"{name}/{m.name}").heatmap if m.name.endswith(".hncl")
+                              else np.load(io.BytesIO(data), allow_pickle=False))
     return torch.from_numpy(np.stack(arrays[:limit])) if arrays else torch.empty(0)
 
 
@@ -177,6 +191,8 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
     """Build (or resume) the shard set `job.out`; returns the manifest."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if job.format_version not in FORMATS:
+        raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {job.format_version}")
     t0 = time.time()
     source = open_source(job.source, job.input, job.split, **dict(job.source_options))
     if len(source) == 0:
@@ -189,7 +205,8 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
     log(f"{job.source}: {len(source)} rows -> {len(the_plan)} shards in {job.out} "
         f"({len(done)} already done{f', {removed} stale temporary files removed' if removed else ''})")
     if todo:
-        _run_all(job, todo, workers, ray_address, progress)
+        gpus = 1 if job.extractor == "fan" and dict(job.extractor_options).get("device", "cpu") != "cpu" else 0
+        _run_all(job, todo, workers, ray_address, progress, gpus=gpus)
     stats = [storage.read_json(_sidecar(job, shard_name(p[0]))) for p in the_plan]
 
     total = sum(s["num_samples"] for s in stats)
@@ -236,7 +253,8 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
             class_counts[c] += n
     extractor = _worker_state(job)[1].extractor
     manifest = {
-        "format": FORMAT, "hncl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": FORMATS[job.format_version], "hncl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "num_samples": total, "num_shards": len(stats),
         "shards": [{"name": s["name"], "num_samples": s["num_samples"], "sha256": s["sha256"],
                     "rows": [s["start"], s["stop"]]} for s in stats],
@@ -259,10 +277,12 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
 
 
 def verify(out: str) -> dict:
-    """Check a finished set against its manifest: every shard present with its sha256 and sample
-    count, no duplicate or missing ids, no temporary files. Returns the manifest."""
+    """Check a finished set against its manifest (v1 or v2): every shard present with its sha256
+    and sample count, no duplicate or missing ids, no temporary files. Returns the manifest."""
     manifest = storage.read_json(storage.join(out, "manifest.json"))
     import hashlib
+
+    suffix = "." + sample_member(check_format(manifest, out))  # one such member per sample
 
     seen = set()
     for entry in manifest["shards"]:
@@ -270,7 +290,7 @@ def verify(out: str) -> dict:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise MakeShardsError(f"{entry['name']}: sha256 does not match the manifest")
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            keys = [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".json")]
+            keys = [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(suffix)]
         if len(keys) != entry["num_samples"]:
             raise MakeShardsError(f"{entry['name']}: {len(keys)} samples, manifest says {entry['num_samples']}")
         dup = seen.intersection(keys)

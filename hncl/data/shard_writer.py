@@ -2,9 +2,10 @@
 
 Per row: crop (the source's face box, squared, or the whole image padded to a square) ->
 work image (256 px) -> landmarks (given, or from the extractor) -> similarity alignment on eyes
-and nose -> aligned face (JPEG) + pooled uint8 heatmaps of the aligned face + landmarks. Rows that
-fail are skipped with a reason; nothing here is random, so a shard's bytes depend only on its
-rows, whichever worker builds it.
+and nose -> aligned face (JPEG) + pooled uint8 heatmaps of the aligned face + landmarks, written
+as one v2 member per sample (KEY.hncl, hncl/data/shard_format.py) or v1's four. Rows that fail
+are skipped with a reason; nothing here is random, so a shard's bytes depend only on its rows,
+whichever worker builds it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hncl.data.shard_format import DEFAULT_VERSION, FORMATS, V2_SUFFIX, encode_v2
 from hncl.data.sources import CLASSES, Source, SourceError, SourceItem
 from hncl.heatmaps.align import apply_affine, similarity_to_template, warp
 from hncl.heatmaps.extractors import HeatmapExtractor
@@ -54,6 +56,7 @@ class ShardStats:
     ids: List[int] = field(default_factory=list)
     noted: Dict[str, int] = field(default_factory=dict)  # kept, but counted (e.g. several faces)
     noted_examples: List[str] = field(default_factory=list)
+    format: str = FORMATS[DEFAULT_VERSION]
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -150,20 +153,39 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed metadata (same bytes -> same tar)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = len(data), TAR_MTIME, 0o444, "hncl", "hncl"
     tar.addfile(info, io.BytesIO(data))
 
 
+def open_tar(raw) -> tarfile.TarFile:
+    return tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT)
+
+
+def write_sample(tar: tarfile.TarFile, version: int, key: str, jpeg: bytes, meta_json: bytes,
+                 landmarks: Optional[np.ndarray], heatmap: np.ndarray) -> None:
+    """One sample in the layout of format `version` (shards/README.md)."""
+    if version == 2:
+        add_member(tar, f"{key}.{V2_SUFFIX}", encode_v2(jpeg, meta_json, landmarks, heatmap))
+        return
+    add_member(tar, f"{key}.jpg", jpeg)
+    add_member(tar, f"{key}.heatmap.npy", _npy_bytes(heatmap))
+    if landmarks is not None:
+        add_member(tar, f"{key}.landmarks.npy", _npy_bytes(landmarks))
+    add_member(tar, f"{key}.json", meta_json)
+
+
 def build_shard(source: Source, processor: FaceProcessor, index: int, start: int, stop: int, dataset: str,
-                batch_size: int = 32, tmp_dir: Optional[str] = None) -> Tuple[str, ShardStats]:
-    """Write rows [start, stop) to a local temporary tar. Returns (temp path, stats)."""
-    stats = ShardStats(shard_name(index), start, stop)
+                batch_size: int = 32, tmp_dir: Optional[str] = None,
+                version: int = DEFAULT_VERSION) -> Tuple[str, ShardStats]:
+    """Write rows [start, stop) to a local temporary tar in format `version`. Returns (temp path, stats)."""
+    stats = ShardStats(shard_name(index), start, stop, format=FORMATS[version])
     fd, path = tempfile.mkstemp(prefix=f"{shard_name(index)}.", suffix=".part", dir=tmp_dir)
     sha = hashlib.sha256()
     with os.fdopen(fd, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with open_tar(raw) as tar:
             for b0 in range(start, stop, batch_size):
                 items = []
                 for i in range(b0, min(stop, b0 + batch_size)):
@@ -187,10 +209,8 @@ def build_shard(source: Source, processor: FaceProcessor, index: int, start: int
                     meta = {"id": item.sample_id, "label": item.label,
                             "label_name": None if item.label is None else CLASSES[item.label],
                             "dataset": dataset, "extractor": processor.extractor.version, **item.meta}
-                    _add(tar, f"{key}.jpg", jpg.getvalue())
-                    _add(tar, f"{key}.heatmap.npy", _npy_bytes(pooled))
-                    _add(tar, f"{key}.landmarks.npy", _npy_bytes(pts.astype(np.float16)))
-                    _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                    write_sample(tar, version, key, jpg.getvalue(), json.dumps(meta, sort_keys=True).encode(),
+                                 pts.astype(np.float16), pooled)
                     stats.num_samples += 1
                     stats.ids.append(item.sample_id)
                     if item.label is not None:

@@ -6,6 +6,9 @@ exactly `steps_per_epoch` batches per epoch on every rank, so collectives never 
 that ran out of data. Evaluation mode: every sample exactly once, split by rank and loader
 worker, the last batch partial.
 
+Both shard formats are read (hncl/data/shard_format.py): v1's four members per sample and v2's
+one; both decode to the same sample. A set in any other format is refused when it is opened.
+
 Corrupt samples and truncated shards are skipped, not fatal: each is logged with its shard and
 counted by reason, and every batch carries the counts its worker accumulated since its previous
 batch (`batch["skipped"]`), which the training loop sums.
@@ -19,6 +22,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
 
 import fsspec
@@ -33,6 +37,7 @@ except ImportError:  # optional speed-up; PIL decodes everything
     simplejpeg = None
 
 from hncl import storage
+from hncl.data.shard_format import V2_SUFFIX, CorruptSample, check_format, decode_v2
 from hncl.errors import InputError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 
@@ -68,6 +73,8 @@ class SkipCounter:
 
 
 def _reason(exn: Exception) -> str:
+    if isinstance(getattr(exn, "reason", None), str):  # CorruptSample knows what it is
+        return exn.reason
     text = f"{type(exn).__name__} {exn}".lower()
     if "tar" in text or "eof" in text or "truncat" in text or "unexpected end" in text:
         return "truncated or unreadable shard"
@@ -118,18 +125,39 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw tar members -> tensors: image uint8 [3, H, W] (channels-last strides), heatmap uint8 [68, R, R],
-    landmarks float32 [68, 2], label (-1 when none), id."""
-    for part in ("jpg", "heatmap.npy", "json"):
-        if part not in sample:
-            raise KeyError(f"{sample.get('__key__')} in {sample.get('__url__')} has no .{part}")
-    meta = json.loads(sample["json"])
-    image = torch.from_numpy(decode_jpeg(sample["jpg"])).permute(2, 0, 1)  # a view: collation copies once
-    heatmap = torch.from_numpy(read_npy(sample["heatmap.npy"]))
-    lm = sample.get("landmarks.npy")
-    landmarks = (torch.from_numpy(read_npy(lm).astype(np.float32))
+def decode_sample(sample: dict, resolution: Optional[int] = None) -> dict:
+    """Raw tar members of a v2 (KEY.hncl) or v1 (KEY.jpg, .heatmap.npy, .landmarks.npy, .json)
+    sample -> tensors: image uint8 [3, H, W] (channels-last strides), heatmap uint8 [68, R, R],
+    landmarks float32 [68, 2] (NaN when none), label (-1 when none), id. With `resolution`, a
+    heatmap that is not [68, R, R] is a corrupt sample (it would break the batch)."""
+    where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+    if V2_SUFFIX in sample:
+        v2 = decode_v2(sample[V2_SUFFIX], resolution, where)
+        try:
+            meta = json.loads(v2.meta_json)
+        except ValueError as e:
+            raise CorruptSample("corrupt sample", f"unreadable metadata ({e}): {where}") from None
+        jpeg, heatmap, lm = v2.jpeg, v2.heatmap, v2.landmarks
+    else:
+        for part in ("jpg", "heatmap.npy", "json"):
+            if part not in sample:
+                raise KeyError(f"{where} has no .{part}")
+        meta = json.loads(sample["json"])
+        jpeg = sample["jpg"]
+        try:
+            heatmap = read_npy(sample["heatmap.npy"])
+        except ValueError as e:
+            raise CorruptSample("corrupt heatmap", f"{e}: {where}") from None
+        if heatmap.dtype != np.uint8 or heatmap.ndim != 3 or heatmap.shape[0] != 68 or \
+                (resolution is not None and heatmap.shape[1:] != (resolution, resolution)):
+            raise CorruptSample("corrupt heatmap", f"heatmap {heatmap.dtype} {list(heatmap.shape)}, expected uint8 "
+                                                   f"[68, {resolution or 'R'}, {resolution or 'R'}]: {where}")
+        lm = sample.get("landmarks.npy")
+        lm = None if lm is None else read_npy(lm)
+    image = torch.from_numpy(decode_jpeg(jpeg)).permute(2, 0, 1)  # a view: collation copies once
+    landmarks = (torch.from_numpy(lm.astype(np.float32))
                  if lm is not None else torch.full((68, 2), float("nan")))
+    heatmap = torch.from_numpy(heatmap)
     label = meta.get("label")
     return {"image": image, "heatmap": heatmap, "landmarks": landmarks,
             "label": -1 if label is None else int(label), "id": int(meta["id"])}
@@ -158,12 +186,26 @@ class ShardSet:
 
     @classmethod
     def open(cls, root: str) -> "ShardSet":
+        """Raises ShardFormatError (one line naming the format and the set) for a format this hncl
+        does not read; v1 and v2 sets both open."""
         root = root.rstrip("/")
         url = storage.join(root, "manifest.json")
         if not storage.exists(url):
             raise InputError(f"{root} is not a finished shard set (no manifest.json); "
                                     f"build or resume it with `hncl make-shards ... --out {root}`")
-        return cls(root, storage.read_json(url))
+        manifest = storage.read_json(url)
+        check_format(manifest, root)
+        return cls(root, manifest)
+
+    @property
+    def format(self) -> str:
+        return check_format(self.manifest, self.root)
+
+    @property
+    def resolution(self) -> Optional[int]:
+        """The stored heatmaps' R (every sample's heatmap must be [68, R, R])."""
+        r = self.manifest.get("heatmap_resolution")
+        return None if r is None else int(r)
 
     @property
     def urls(self) -> List[str]:
@@ -203,7 +245,7 @@ def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buf
         wds.ResampledShards(shards.urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=counter.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, handler=counter.handler),
-        wds.map(decode_sample, handler=counter.handler),
+        wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
     ]
     if view_transform is not None:
         stages.append(wds.map(_ViewStage(view_transform, views), handler=counter.handler))
@@ -219,7 +261,7 @@ def eval_pipeline(shards: ShardSet, batch_size: int, counter: Optional[SkipCount
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter.handler),
-        wds.map(decode_sample, handler=counter.handler),
+        wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
         wds.batched(batch_size, collation_fn=_collate(counter), partial=True),
     )
 
