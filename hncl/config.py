@@ -105,7 +105,10 @@ class DataConfig:
     steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
     min_crop_scale: float = 0.6  # RandomResizedCrop lower bound: expressions must survive the crop
     augment_on: AugmentOn = AugmentOn.loader  # where the two views are made (docs/PERFORMANCE.md)
-    max_skip_fraction: float = 0.01  # fail when more of the streamed samples are corrupt
+    # stop when more than this fraction of the samples the stream should have delivered were lost
+    # (corrupt samples, and every sample of a shard that could not be read: counted in samples)
+    max_skip_fraction: float = 0.01
+    stall_timeout_s: float = 600.0  # stop when no sample arrives for this long (S3 outage, hung reads)
 
 
 @dataclass
@@ -346,6 +349,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, "must be >= 1")
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
+    _check(0 <= cfg.data.max_skip_fraction <= 1, "data.max_skip_fraction", cfg.data.max_skip_fraction,
+           "must be in [0, 1]")
+    _check(cfg.data.stall_timeout_s > 0, "data.stall_timeout_s", cfg.data.stall_timeout_s, "must be > 0")
     _check(0 < cfg.data.min_crop_scale <= 1, "data.min_crop_scale", cfg.data.min_crop_scale, "must be in (0, 1]")
     ft = cfg.finetune
     _check(ft.num_classes in (7, 8), "finetune.num_classes", ft.num_classes, "allowed values: 7, 8")

@@ -4,20 +4,163 @@ S3 endpoints and credentials come from the standard AWS variables (AWS_ACCESS_KE
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 for a non-AWS endpoint such as MinIO or moto).
 Writes are atomic: a file appears under its final name only when complete (local: write a
 temporary name, then rename; S3: a single PUT of the finished object).
+
+S3 under faults: every call has a connect and a read timeout, and transient failures (refused
+or reset connections, timeouts, cut bodies, 5xx, throttling) are retried with backoff until a
+deadline; what is not transient (a missing bucket or object, bad credentials) fails at once.
+Either way the error is one line naming what failed (connect, auth, missing bucket/object), on
+which URL, and what to do. Settings, from the environment (so that make-shards, training
+workers and Ray's own checkpoint uploads share them):
+    HNCL_S3_CONNECT_TIMEOUT   seconds to establish a connection (default 10)
+    HNCL_S3_READ_TIMEOUT      seconds a response may stall (default 60)
+    HNCL_S3_DEADLINE          seconds transient failures are retried, per call (default 120)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import fsspec
 
+from hncl.errors import InputError, UserError
+
 TMP_MARK = ".tmp-"
+SETTINGS = {"HNCL_S3_CONNECT_TIMEOUT": 10.0, "HNCL_S3_READ_TIMEOUT": 60.0, "HNCL_S3_DEADLINE": 120.0}
+
+
+def setting(name: str) -> float:
+    return float(os.environ.get(name, SETTINGS[name]))
+
+
+class StorageError(UserError):
+    """An S3 call that failed for good: what, where, and what to do, in one line."""
+
+
+class Unreachable(StorageError, ConnectionError):
+    pass
+
+
+class AccessDenied(StorageError, PermissionError):
+    pass
+
+
+class MissingBucket(StorageError, InputError):
+    pass
+
+
+class MissingObject(StorageError, InputError):
+    pass
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _client_code(exc: BaseException) -> Optional[str]:
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            err = response.get("Error") or {}
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return str(err.get("Code") or status or "")
+    return None
+
+
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504"}
+_TRANSIENT_ERRNO = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH,
+                    errno.ENETUNREACH, errno.ECONNABORTED}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the endpoint unreachable or slow, a connection or body cut,
+    throttling or a 5xx."""
+    import botocore.exceptions as bce
+
+    names = {"ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
+             "IncompleteRead", "FSTimeoutError", "ServerTimeoutError"}
+    for e in _chain(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError, socket.timeout,
+                          bce.HTTPClientError, bce.ConnectionError)) or type(e).__name__ in names:
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+            return True
+    return _client_code(exc) in _TRANSIENT_CODES
+
+
+def _bucket_of(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def explain(exc: BaseException, url: str, doing: str) -> Optional[StorageError]:
+    """The one-line StorageError for a failed S3 call on `url`, or None if `exc` is not one."""
+    if not url.startswith("s3://") or isinstance(exc, StorageError):
+        return None
+    code = _client_code(exc) or ""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS S3"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "403",
+                "InvalidToken", "AuthorizationHeaderMalformed") or isinstance(exc, PermissionError):
+        return AccessDenied(f"access denied to {url} ({code or exc}) by {endpoint}: check the credentials "
+                            f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and the bucket's policy")
+    if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and not bucket_exists(url)):
+        return MissingBucket(f"S3 bucket '{_bucket_of(url)}' does not exist at {endpoint} ({url}): create it, "
+                             f"or fix the URL or AWS_ENDPOINT_URL_S3")
+    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404"):
+        return MissingObject(f"no such S3 object: {url}")
+    if is_transient(exc):
+        cause = next((str(e) for e in _chain(exc) if str(e)), type(exc).__name__).splitlines()[0][:200]
+        return Unreachable(f"cannot reach the S3 endpoint {endpoint} while {doing} {url} ({cause}); retried for "
+                           f"{setting('HNCL_S3_DEADLINE'):.0f} s (HNCL_S3_DEADLINE): check the endpoint "
+                           f"(AWS_ENDPOINT_URL_S3) and the network, then rerun: finished work is kept")
+    return None
+
+
+def bucket_exists(url: str) -> bool:
+    """Whether the bucket of an s3:// URL exists (True when that cannot be told)."""
+    try:
+        fs, _ = filesystem(url)
+        return bool(fs.exists(_bucket_of(url)))
+    except Exception:  # cannot tell: say "object", not "bucket"
+        return True
+
+
+@contextlib.contextmanager
+def s3_errors(url: str, doing: str):
+    """Turn a failed S3 call into its one-line StorageError (anything else passes through)."""
+    try:
+        yield
+    except Exception as e:
+        err = explain(e, url, doing)
+        if err is None:
+            raise
+        raise err from e
+
+
+def s3_filesystem():
+    """The S3 filesystem with this process's credentials, endpoint, timeouts and retries (the
+    arguments are explicit, so a changed environment gets a new instance, not a cached one)."""
+    from hncl.s3 import ResilientS3FileSystem
+
+    options = {k: os.environ[v] for k, v in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                                             ("endpoint_url", "AWS_ENDPOINT_URL_S3")) if os.environ.get(v)}
+    config = {"connect_timeout": setting("HNCL_S3_CONNECT_TIMEOUT"), "read_timeout": setting("HNCL_S3_READ_TIMEOUT"),
+              "retries": {"max_attempts": 1}}  # hncl retries, with a deadline, in _call_s3
+    return ResilientS3FileSystem(use_listings_cache=False, config_kwargs=config, **options)
 
 
 def is_remote(url: str) -> bool:
@@ -25,9 +168,9 @@ def is_remote(url: str) -> bool:
 
 
 def filesystem(url: str) -> Tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False) if url.startswith("s3://") \
-        else fsspec.core.url_to_fs(url)
-    return fs, path
+    if url.startswith("s3://"):
+        return s3_filesystem(), url[len("s3://"):]
+    return fsspec.core.url_to_fs(url)
 
 
 def join(base: str, name: str) -> str:
@@ -36,7 +179,8 @@ def join(base: str, name: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with s3_errors(url, "checking"):
+        return fs.exists(path)
 
 
 def makedirs(url: str) -> None:
@@ -47,26 +191,44 @@ def makedirs(url: str) -> None:
 def listdir(url: str) -> List[str]:
     """Names (not paths) in a folder; empty if it does not exist."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
-    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    with s3_errors(url, "listing"):
+        if not fs.exists(path):
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-def remove(url: str) -> None:
+def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path)
+    with s3_errors(url, "removing"):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
 
 
 def size(url: str) -> int:
     fs, path = filesystem(url)
-    return int(fs.size(path))
+    with s3_errors(url, "reading"):
+        return int(fs.size(path))
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    with s3_errors(url, "reading"):
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+
+def open_stream(url: str):
+    """A binary file object for streaming reads (shards); S3 reads are ranged and retried."""
+    fs, path = filesystem(url)
+    with s3_errors(url, "opening"):
+        return fs.open(path, "rb")
+
+
+def get_dir(url: str, local: str) -> None:
+    """Download the folder `url` into the local folder `local`."""
+    fs, path = filesystem(url)
+    with s3_errors(url, "downloading"):
+        fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
 
 
 def read_json(url: str) -> Any:
@@ -74,11 +236,16 @@ def read_json(url: str) -> Any:
 
 
 def put_file(local_path: str, url: str) -> None:
-    """Move a finished local file to `url` atomically (the local file is consumed)."""
+    """Move a finished local file to `url` atomically. The local file is consumed, also when an
+    upload fails for good (nothing is left in the temp folder; the caller can make it again)."""
     if is_remote(url):
         fs, path = filesystem(url)
-        fs.put_file(local_path, path)
-        os.remove(local_path)
+        try:
+            with s3_errors(url, "uploading"):
+                fs.put_file(local_path, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local_path)
     else:
         os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
         tmp = f"{url}{TMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -103,9 +270,13 @@ def upload_dir(local: str, url: str, keep: bool = False) -> None:
 
 def write_bytes(url: str, data: bytes) -> None:
     fd, local = tempfile.mkstemp(prefix="hncl-", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    put_file(local, url)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        put_file(local, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local)
 
 
 def write_json(url: str, obj: Any) -> None:

@@ -73,26 +73,22 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")}
-    # Libraries that read the standard variables (pyarrow, boto3, Ray's storage) hit moto too.
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_ENDPOINT_URL_S3=url)
-    yield url
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    yield f"http://{host}:{port}"
     server.stop()
 
 
 @pytest.fixture
-def s3(s3_endpoint):
-    """An s3fs filesystem on the moto endpoint with a fresh bucket; yields (fs, bucket)."""
+def s3(s3_endpoint, monkeypatch):
+    """An s3fs filesystem on the moto endpoint with a fresh bucket; yields (fs, bucket). The
+    standard AWS variables point at moto for the test (so libraries that read them, hncl's
+    storage, Ray's workers, hit moto too) and are restored after it."""
     import uuid
 
     import s3fs
 
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint,
                            use_listings_cache=False)
     bucket = f"test-{uuid.uuid4().hex[:12]}"

@@ -64,6 +64,19 @@ def test_debug_mode_runs_in_process_without_ray_and_resumes(shard_set, tmp_path)
         names = os.listdir(os.path.join(run_dir, f"checkpoint_{step:08d}"))
         assert {"queue_rank0.pt", "model.safetensors", "optimizer.pt", "train_state.json", "_COMPLETE"} <= set(names)
     check_encoder(run_dir)
+    # an earlier attempt got further, then failed while uploading checkpoint 12: its TensorBoard
+    # events for steps 10-12 and the incomplete folder are what a failed run leaves behind
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    abandoned = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    for step in (10, 12):
+        abandoned.add_scalar("loss", 1e6, step)
+    abandoned.close()
+    shutil.copytree(os.path.join(run_dir, "checkpoint_00000008"), os.path.join(run_dir, "checkpoint_00000012"))
+    os.remove(os.path.join(run_dir, "checkpoint_00000012", "_COMPLETE"))
+    open(os.path.join(run_dir, "checkpoint_00000012", "from_the_failed_attempt"), "w").close()
     # the same command with a longer schedule resumes from step 8 with the queue restored exactly
     more = [a for a in args if not a.startswith("optim.epochs")] + ["optim.epochs=2"]
     run = subprocess.run([sys.executable, "-m", "hncl.cli", "pretrain", "--config", "configs/debug.yaml", "--debug",
@@ -74,6 +87,14 @@ def test_debug_mode_runs_in_process_without_ray_and_resumes(shard_set, tmp_path)
     assert resume["step"] == 8
     assert resume["queue_digests"] == queue_digests(os.path.join(run_dir, "checkpoint_00000008"), 1)
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(2, 17, 2))
+    # the abandoned folder was removed on resume (step 12 was then saved anew, complete)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint_00000012", "from_the_failed_attempt"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(2, 17, 2)) and max(e.value for e in events.Scalars("loss")) < 1e6
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_path, monkeypatch):

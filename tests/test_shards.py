@@ -222,7 +222,10 @@ def test_truncated_shard_is_skipped_and_counted_by_the_reader(serial_set, tmp_pa
         for k, v in b["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
     assert N - SHARD <= n < N  # the other shards and the intact part of the broken one
-    assert skipped.get("truncated or unreadable shard", 0) >= 1
+    # counted in samples: every sample of the set is either delivered or counted as lost
+    assert n + sum(skipped.values()) == N and skipped.get("truncated or unreadable shard", 0) >= 1
+    where = [p for b in batches for p in b["skipped_where"].get("truncated or unreadable shard", [])]
+    assert where == ["shard-000001.tar"]
 
 
 def test_write_and_stream_from_a_real_s3_endpoint(s3, serial_set):

@@ -30,7 +30,7 @@ from hncl.data.shard_format import DEFAULT_VERSION, FORMAT_V1, FORMATS, check_fo
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
 from hncl.dist import torch_threads
-from hncl.errors import UserError
+from hncl.errors import UserError, user_error_in
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.extractors import get_extractor
 
@@ -122,7 +122,9 @@ def _run_all(job, todo: List[tuple], workers: int, ray_address: Optional[str], p
     bar = tqdm(total=len(todo), desc=f"shards -> {job.out}", unit="shard", disable=not progress, file=sys.stderr)
 
     def failed(index: int, start: int, stop: int, err: BaseException) -> MakeShardsError:
-        return MakeShardsError(f"{shard_name(index)} (rows {start}-{stop}) failed: {type(err).__name__}: {err}. "
+        cause = user_error_in(err) or err  # a Ray task's error wraps the worker's
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return MakeShardsError(f"{shard_name(index)} (rows {start}-{stop}) failed: {type(cause).__name__}: {text}. "
                                f"Finished shards are kept; rerun the same command to resume.")
 
     try:

@@ -184,40 +184,44 @@ def build_shard(source: Source, processor: FaceProcessor, index: int, start: int
     stats = ShardStats(shard_name(index), start, stop, format=FORMATS[version])
     fd, path = tempfile.mkstemp(prefix=f"{shard_name(index)}.", suffix=".part", dir=tmp_dir)
     sha = hashlib.sha256()
-    with os.fdopen(fd, "wb") as raw:
-        with open_tar(raw) as tar:
-            for b0 in range(start, stop, batch_size):
-                items = []
-                for i in range(b0, min(stop, b0 + batch_size)):
-                    try:
-                        items.append(source.item(i))
-                    except SourceError as e:
-                        stats.skip(e.reason, e.where)
-                if not items:
-                    continue
-                for item, face in zip(items, processor.process(items)):
-                    where = str(item.meta.get("source", item.sample_id))
-                    if face.reason is not None:
-                        stats.skip(face.reason, where)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with open_tar(raw) as tar:
+                for b0 in range(start, stop, batch_size):
+                    items = []
+                    for i in range(b0, min(stop, b0 + batch_size)):
+                        try:
+                            items.append(source.item(i))
+                        except SourceError as e:
+                            stats.skip(e.reason, e.where)
+                    if not items:
                         continue
-                    if face.note is not None:
-                        stats.note(face.note, where)
-                    aligned, pts, pooled = face.aligned, face.landmarks, face.heatmap
-                    key = sample_key(dataset, item.sample_id)
-                    jpg = io.BytesIO()
-                    Image.fromarray(aligned).save(jpg, format="JPEG", quality=JPEG_QUALITY)
-                    meta = {"id": item.sample_id, "label": item.label,
-                            "label_name": None if item.label is None else CLASSES[item.label],
-                            "dataset": dataset, "extractor": processor.extractor.version, **item.meta}
-                    write_sample(tar, version, key, jpg.getvalue(), json.dumps(meta, sort_keys=True).encode(),
-                                 pts.astype(np.float16), pooled)
-                    stats.num_samples += 1
-                    stats.ids.append(item.sample_id)
-                    if item.label is not None:
-                        name = CLASSES[item.label]
-                        stats.class_counts[name] = stats.class_counts.get(name, 0) + 1
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
+                    for item, face in zip(items, processor.process(items)):
+                        where = str(item.meta.get("source", item.sample_id))
+                        if face.reason is not None:
+                            stats.skip(face.reason, where)
+                            continue
+                        if face.note is not None:
+                            stats.note(face.note, where)
+                        aligned, pts, pooled = face.aligned, face.landmarks, face.heatmap
+                        key = sample_key(dataset, item.sample_id)
+                        jpg = io.BytesIO()
+                        Image.fromarray(aligned).save(jpg, format="JPEG", quality=JPEG_QUALITY)
+                        meta = {"id": item.sample_id, "label": item.label,
+                                "label_name": None if item.label is None else CLASSES[item.label],
+                                "dataset": dataset, "extractor": processor.extractor.version, **item.meta}
+                        write_sample(tar, version, key, jpg.getvalue(), json.dumps(meta, sort_keys=True).encode(),
+                                     pts.astype(np.float16), pooled)
+                        stats.num_samples += 1
+                        stats.ids.append(item.sample_id)
+                        if item.label is not None:
+                            name = CLASSES[item.label]
+                            stats.class_counts[name] = stats.class_counts.get(name, 0) + 1
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+    except BaseException:  # a failed shard leaves no temporary file behind
+        os.remove(path)
+        raise
     stats.sha256 = sha.hexdigest()
     return path, stats

@@ -9,23 +9,30 @@ worker, the last batch partial.
 Both shard formats are read (hncl/data/shard_format.py): v1's four members per sample and v2's
 one; both decode to the same sample. A set in any other format is refused when it is opened.
 
-Corrupt samples and truncated shards are skipped, not fatal: each is logged with its shard and
-counted by reason, and every batch carries the counts its worker accumulated since its previous
-batch (`batch["skipped"]`), which the training loop sums.
+Lost data is skipped, not fatal, and counted in *samples*: a corrupt sample is one; a shard that
+cannot be read (missing object, S3 unreachable after hncl.storage's retries, access denied) or
+that breaks off early (truncated, cut connection) loses the samples its manifest says it holds
+beyond those delivered. Every batch carries the counts its worker accumulated since its previous
+batch by reason (`batch["skipped"]`) and where (`batch["skipped_where"]`: shards or samples),
+which the training loop sums and checks against data.max_skip_fraction. A stream that delivers
+nothing stops with one line: when every shard of the set has failed in a row, or when no sample
+arrived for `stall_timeout_s` seconds.
 """
 
 from __future__ import annotations
 
 import importlib
 import io
+import os
 import json
 import logging
+import tarfile
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
 
-import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -38,32 +45,46 @@ except ImportError:  # optional speed-up; PIL decodes everything
 
 from hncl import storage
 from hncl.data.shard_format import V2_SUFFIX, CorruptSample, check_format, decode_v2
-from hncl.errors import InputError
+from hncl.errors import InputError, UserError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 
 log = logging.getLogger(__name__)
 
 
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    return fsspec.open(url, mode).open()
+def _s3_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return storage.open_stream(url)
 
 
-# webdataset opens URLs through its gopen table; route s3:// through fsspec/s3fs (no shell pipes)
-importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _fsspec_gopen
+# webdataset opens URLs through its gopen table; route s3:// through hncl.storage (s3fs with
+# timeouts and retries; no shell pipes)
+importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _s3_gopen
+
+
+class DataStall(UserError):
+    """The shard stream delivers nothing: every shard fails, or nothing arrived for too long."""
 
 
 class SkipCounter:
-    """Per-process counts of skipped samples by reason; a webdataset exception handler."""
+    """Per-process counts of lost samples by reason, with where (shard or sample); also a
+    webdataset exception handler (one sample per call)."""
+
+    EXAMPLES = 8
 
     def __init__(self):
         self._lock = threading.Lock()
         self._counts: Dict[str, int] = {}
+        self._where: Dict[str, List[str]] = {}
+
+    def lost(self, reason: str, where: str, samples: int) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + samples
+            seen = self._where.setdefault(reason, [])
+            if where not in seen and len(seen) < self.EXAMPLES:
+                seen.append(where)
 
     def handler(self, exn: Exception) -> bool:
-        reason = _reason(exn)
-        with self._lock:
-            self._counts[reason] = self._counts.get(reason, 0) + 1
-        log.warning("skipped (%s): %s", reason, str(exn)[:300])
+        self.lost(_reason(exn), str(getattr(exn, "where", "")) or str(exn)[:200], 1)
+        log.warning("skipped (%s): %s", _reason(exn), str(exn)[:300])
         return True  # keep going
 
     def take(self) -> Dict[str, int]:
@@ -71,18 +92,100 @@ class SkipCounter:
             counts, self._counts = self._counts, {}
         return counts
 
+    def take_where(self) -> Dict[str, List[str]]:
+        with self._lock:
+            where, self._where = self._where, {}
+        return where
 
-def _reason(exn: Exception) -> str:
+
+def _reason(exn: BaseException) -> str:
+    """What a failure means for the data, in the words the counts and messages use."""
     if isinstance(getattr(exn, "reason", None), str):  # CorruptSample knows what it is
         return exn.reason
-    text = f"{type(exn).__name__} {exn}".lower()
-    if "tar" in text or "eof" in text or "truncat" in text or "unexpected end" in text:
+    if isinstance(exn, storage.MissingObject):
+        return "missing shard"
+    if isinstance(exn, storage.StorageError):
+        return {storage.Unreachable: "S3 unreachable", storage.AccessDenied: "S3 access denied",
+                storage.MissingBucket: "S3 bucket missing"}.get(type(exn), "storage error")
+    if isinstance(exn, (tarfile.TarError, EOFError)) or storage.is_transient(exn):
         return "truncated or unreadable shard"
+    text = f"{type(exn).__name__} {exn}".lower()
     if "jpeg" in text or "image" in text or "decode" in text:
         return "corrupt image"
     if isinstance(exn, KeyError):
         return "incomplete sample"
     return "corrupt sample"
+
+
+class ShardSamples:
+    """Shard URLs (webdataset's {"url": ...} items) -> raw samples (dicts of tar members), each
+    shard checked against the manifest's sample count: what it fails to deliver is counted as
+    lost samples, by reason (see the module docstring). Replaces wds.tarfile_to_samples."""
+
+    def __init__(self, shards: "ShardSet", counter: SkipCounter, stall_timeout_s: float = 600.0):
+        self.expected = shards.sample_counts
+        self.root = shards.root
+        self.counter = counter
+        self.stall_timeout_s = stall_timeout_s
+
+    def _samples(self, url: str) -> Iterator[dict]:
+        stream = storage.open_stream(url) if storage.is_remote(url) else open(url, "rb")
+        try:
+            files = wds.tariterators.tar_file_iterator(stream)
+            yield from wds.tariterators.group_by_keys(dict(f, __url__=url) for f in files)
+        finally:
+            stream.close()
+
+    def _read(self, url: str, progress: list) -> Iterator[dict]:
+        """The shard's samples; a transient failure mid-read (a cut connection) reopens it and
+        skips what was delivered, until hncl.storage's deadline: nothing lost, nothing twice.
+        progress[0] counts the samples delivered."""
+        deadline = time.monotonic() + storage.setting("HNCL_S3_DEADLINE")
+        delay = 0.5
+        while True:
+            try:
+                for i, sample in enumerate(self._samples(url)):
+                    if i >= progress[0]:
+                        progress[0] += 1
+                        yield sample
+                return
+            except Exception as e:
+                final = isinstance(e, storage.StorageError) or not storage.is_transient(e)
+                if final or not storage.is_remote(url) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("reading %s broke off after %d samples (%s): reopening", url, progress[0], e)
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        last_delivery, failing = time.monotonic(), set()
+        for item in src:
+            url = item["url"]
+            progress, error = [0], None
+            try:
+                for sample in self._read(url, progress):
+                    last_delivery = time.monotonic()
+                    yield sample
+            except Exception as e:  # every failure is counted, named, and the stream goes on
+                error = storage.explain(e, url, "reading") or e
+            delivered = progress[0]
+            lost = self.expected.get(url, delivered) - delivered
+            if error is None and lost <= 0:
+                failing.clear()
+                continue
+            reason = _reason(error) if error is not None else "truncated or unreadable shard"
+            name = url.rsplit("/", 1)[-1]
+            self.counter.lost(reason, name, max(lost, 0))
+            log.warning("%s: %s lost %d of %d samples (%s)", reason, url, max(lost, 0), self.expected.get(url, 0),
+                        str(error)[:300] if error is not None else "the shard ended early")
+            if delivered == 0:
+                failing.add(url)
+            stalled = time.monotonic() - last_delivery
+            if len(failing) >= len(self.expected) or stalled > self.stall_timeout_s:
+                what = (f"none of the {len(self.expected)} shards could be read" if len(failing) >= len(self.expected)
+                        else f"no sample arrived for {stalled:.0f} s (data.stall_timeout_s={self.stall_timeout_s:g})")
+                raise DataStall(f"{self.root}: {what}; last: {reason} on {name}: "
+                                f"{(str(error) if error is not None else 'ended early').splitlines()[0][:300]}")
 
 
 _NPY_HEADERS: Dict[bytes, tuple] = {}  # raw .npy header -> (dtype, shape, fortran_order)
@@ -164,7 +267,7 @@ def decode_sample(sample: dict, resolution: Optional[int] = None) -> dict:
 
 
 def _collate(counter: SkipCounter):
-    def collate(samples: List[dict]) -> dict:
+    def collate(samples: List[dict]) -> dict:  # each batch takes the losses counted since the last one
         out = {k: torch.stack([s[k] for s in samples]) for k in ("x1", "x2") if k in samples[0]}
         if "image" in samples[0]:
             out["image"] = torch.stack([s["image"] for s in samples])
@@ -173,7 +276,7 @@ def _collate(counter: SkipCounter):
                 "landmarks": torch.stack([s["landmarks"] for s in samples]),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                 "id": torch.tensor([s["id"] for s in samples], dtype=torch.int64),
-                "skipped": counter.take()}
+                "skipped": counter.take(), "skipped_where": counter.take_where()}
     return collate
 
 
@@ -191,6 +294,9 @@ class ShardSet:
         root = root.rstrip("/")
         url = storage.join(root, "manifest.json")
         if not storage.exists(url):
+            if storage.is_remote(root) and not storage.bucket_exists(root):
+                raise storage.MissingBucket(f"{root}: the S3 bucket '{root.split('/')[2]}' does not exist "
+                                            f"(endpoint {os.environ.get('AWS_ENDPOINT_URL_S3') or 'AWS S3'})")
             raise InputError(f"{root} is not a finished shard set (no manifest.json); "
                                     f"build or resume it with `hncl make-shards ... --out {root}`")
         manifest = storage.read_json(url)
@@ -215,6 +321,12 @@ class ShardSet:
     def num_samples(self) -> int:
         return int(self.manifest["num_samples"])
 
+    @property
+    def sample_counts(self) -> Dict[str, int]:
+        """URL -> samples the manifest says the shard holds (what a failed shard loses)."""
+        return {storage.join(self.root, s["name"]): int(s["num_samples"]) for s in self.manifest["shards"]
+                if s["num_samples"] > 0}
+
     def descriptor(self) -> HeatmapDescriptor:
         return HeatmapDescriptor.load(io.BytesIO(storage.read_bytes(storage.join(self.root, "descriptor.npz"))))
 
@@ -235,7 +347,7 @@ class _ViewStage:
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                    counter: Optional[SkipCounter] = None,
                    view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   views: int = 2) -> wds.DataPipeline:
+                   views: int = 2, stall_timeout_s: float = 600.0) -> wds.DataPipeline:
     """Endless, resampled, shuffled batches (see module docstring). With `view_transform`, each
     sample carries `views` augmented views x1, x2 (made in the loader workers) instead of its image."""
     counter = counter or SkipCounter()
@@ -243,7 +355,7 @@ def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buf
         # deterministic: by default webdataset mixes the clock into both RNGs, so runs with one
         # seed differed. Shard draws are seeded per (seed, rank, loader worker), the buffer by seed.
         wds.ResampledShards(shards.urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=counter.handler),
+        ShardSamples(shards, counter, stall_timeout_s),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, handler=counter.handler),
         wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
     ]
@@ -253,28 +365,36 @@ def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buf
     return wds.DataPipeline(*stages)
 
 
-def eval_pipeline(shards: ShardSet, batch_size: int, counter: Optional[SkipCounter] = None) -> wds.DataPipeline:
+def eval_pipeline(shards: ShardSet, batch_size: int, counter: Optional[SkipCounter] = None,
+                  stall_timeout_s: float = 600.0) -> wds.DataPipeline:
     """One pass, every sample exactly once over all ranks and loader workers."""
     counter = counter or SkipCounter()
     return wds.DataPipeline(
         wds.SimpleShardList(shards.urls),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter.handler),
+        ShardSamples(shards, counter, stall_timeout_s),
         wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
         wds.batched(batch_size, collation_fn=_collate(counter), partial=True),
     )
 
 
-def loader(pipeline: wds.DataPipeline, num_workers: int = 2) -> torch.utils.data.DataLoader:
-    """DataLoader over a pipeline (batches are made by the pipeline)."""
+def loader(pipeline: wds.DataPipeline, num_workers: int = 2, timeout_s: float = 0) -> torch.utils.data.DataLoader:
+    """DataLoader over a pipeline (batches are made by the pipeline). timeout_s > 0: a loader
+    worker that delivers no batch for that long stops the run (a worker stuck below Python)."""
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                       timeout=timeout_s if num_workers > 0 else 0)
 
 
-def add_skipped(total: Dict[str, int], batch: dict) -> None:
+def add_skipped(total: Dict[str, int], batch: dict, where: Optional[Dict[str, List[str]]] = None) -> None:
+    """Sum a batch's lost-sample counts into `total` (and their places into `where`)."""
     for reason, n in batch.get("skipped", {}).items():
         total[reason] = total.get(reason, 0) + n
+    if where is not None:
+        for reason, places in batch.get("skipped_where", {}).items():
+            seen = where.setdefault(reason, [])
+            seen.extend(p for p in places if p not in seen and len(seen) < SkipCounter.EXAMPLES)
 
 
 def iterate_forever(dl) -> Iterator[dict]:

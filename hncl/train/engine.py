@@ -202,9 +202,12 @@ class Engine:
     def restore(self, method=None) -> Optional[dict]:
         """Load the latest checkpoint, if any, into the model, optimiser, scheduler, RNG and
         `method`'s per-rank state; returns its train_state.json (None: a new run)."""
-        folder = self.session.restore_dir() if self.session is not None else None
-        if folder is None:
+        if self.session is None:
             return None
+        with self.session.restored() as folder:
+            return None if folder is None else self._restore_from(folder, method)
+
+    def _restore_from(self, folder: str, method) -> dict:
         with open(os.path.join(folder, "train_state.json")) as f:
             state = json.load(f)
         if state["strategy"] != self.strategy:
@@ -280,3 +283,8 @@ class Engine:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+    def abort(self) -> None:
+        """After a failure: drop local temporaries (the run directory keeps what was saved)."""
+        if self.log is not None:
+            self.log.discard()

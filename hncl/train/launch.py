@@ -34,18 +34,16 @@ def pretrain_local(cfg) -> dict:
 
 
 def _storage(output_dir: str):
-    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig."""
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. Ray's controller actor
+    unpickles the filesystem in another process, whose environment may lack the AWS variables:
+    the instance carries what this process was configured with explicitly (hncl.storage)."""
     if not output_dir.startswith("s3://"):
         return os.path.abspath(output_dir), None
     import pyarrow.fs
-    import s3fs
 
-    # Ray's controller actor unpickles this filesystem in another process, whose environment may
-    # lack the AWS variables: carry what this process was configured with explicitly.
-    options = {k: os.environ[v] for k, v in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
-                                             ("endpoint_url", "AWS_ENDPOINT_URL_S3")) if v in os.environ}
-    fs = s3fs.S3FileSystem(**options)
-    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    from hncl import storage
+
+    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.s3_filesystem()))
 
 
 def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
@@ -67,7 +65,8 @@ def run_on_ray(cfg, loop, address: Optional[str] = None) -> dict:
     env = {"OMP_NUM_THREADS": str(cfg.dist.cpus_per_worker), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+              "HNCL_S3_CONNECT_TIMEOUT", "HNCL_S3_READ_TIMEOUT", "HNCL_S3_DEADLINE"):
         if k in os.environ:
             env[k] = os.environ[k]
     trainer = TorchTrainer(

@@ -64,11 +64,20 @@ class Trainer:
         self.descriptor = self.shards.descriptor().to(self.device)
         self.method = build_method(cfg, self.engine.module, self.device, self.descriptor, autocast=self.engine.autocast)
         self.run_dir = self.engine.run_dir
-        self.skipped: Dict[str, int] = {}
+        self.skipped: Dict[str, int] = {}  # lost samples by reason (this rank)
+        self.skipped_where: Dict[str, list] = {}  # ... and which shards / samples
         self.samples_seen = 0
 
     def save_checkpoint(self, metrics: Dict[str, float]) -> None:
-        self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": self.skipped},
+        skipped = [self.skipped]  # the run's lost samples by reason, summed over ranks
+        if hdist.is_distributed():
+            skipped = [None] * self.world
+            dist.all_gather_object(skipped, self.skipped)
+        total: Dict[str, int] = {}
+        for counts in skipped:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total},
                                     metrics, self.method)
 
     def restore(self) -> bool:
@@ -76,7 +85,7 @@ class Trainer:
         if state is None:
             return False
         self.step, self.samples_seen = state["step"], state.get("samples_seen", 0)
-        self.skipped = state.get("skipped", {})
+        self.skipped = state.get("skipped", {}) if self.rank == 0 else {}  # global counts: once
         return True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -111,13 +120,27 @@ class Trainer:
             self.batch_views = BatchViews(cfg.data.image_size, cfg.data.min_crop_scale)
         views = None if on_device else view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
         pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed + 1000 * self.step,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views)
-        batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
+                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views,
+                                  stall_timeout_s=cfg.data.stall_timeout_s)
+        batches = iterate_forever(loader(pipeline, cfg.data.loader_workers, timeout_s=cfg.data.stall_timeout_s + 60))
+        try:
+            metrics = self._run(cfg, batches)
+        except BaseException:
+            self.engine.abort()  # no temporary files left behind
+            raise
+        if self.rank == 0:
+            self.export_encoder()
+            print(f"[hncl] finished {self.step} steps; run directory: {self.run_dir}", flush=True)
+        self.engine.close()
+        self.session.barrier()
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def _run(self, cfg, batches) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         window_start, window_samples = time.time(), 0
         while self.step < self.total_steps:
             batch = next(batches)
-            add_skipped(self.skipped, batch)
+            add_skipped(self.skipped, batch, self.skipped_where)
             metrics = self._step(batch)
             self.step += 1
             self.samples_seen += len(batch["id"]) * self.world
@@ -138,22 +161,33 @@ class Trainer:
                 self.save_checkpoint(numeric)
             elif self.step % cfg.run.log_every == 0:
                 self.session.report_metrics(numeric)
-        if self.rank == 0:
-            self.export_encoder()
-            print(f"[hncl] finished {self.step} steps; run directory: {self.run_dir}", flush=True)
-        self.engine.close()
-        self.session.barrier()
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        return metrics
 
     def _global_skipped(self) -> int:
         n = torch.tensor([sum(self.skipped.values())], dtype=torch.float64, device=self.device)
         return int(hdist.all_reduce_sum(n)[0])
 
     def _check_skipped(self, skipped: int) -> None:
-        if skipped > self.cfg.data.max_skip_fraction * max(1, self.samples_seen):
-            raise UserError(f"{skipped} corrupt samples among {self.samples_seen} streamed from "
-                            f"{self.shards.root}, above data.max_skip_fraction={self.cfg.data.max_skip_fraction}"
-                            f" ({self.skipped} on rank {self.rank}); check the set with hncl.data.make_shards.verify")
+        """Collective (every rank sees the same global count): stop when the lost fraction of
+        what the stream should have delivered exceeds data.max_skip_fraction, naming where."""
+        expected = self.samples_seen + skipped
+        if skipped <= self.cfg.data.max_skip_fraction * max(1, expected):
+            return
+        places = [self.skipped_where]
+        if hdist.is_distributed():
+            places = [None] * self.world
+            dist.all_gather_object(places, self.skipped_where)
+        where: Dict[str, list] = {}
+        for rank_places in places:
+            for reason, names in rank_places.items():
+                where.setdefault(reason, [])
+                where[reason] += [n for n in names if n not in where[reason]]
+        detail = "; ".join(f"{reason}: {', '.join(sorted(names)[:6])}{' ...' if len(names) > 6 else ''}"
+                           for reason, names in sorted(where.items()))
+        raise UserError(f"{skipped} of {expected} samples ({skipped / expected:.1%}) streamed from {self.shards.root} "
+                        f"were lost, above data.max_skip_fraction={self.cfg.data.max_skip_fraction} ({detail}); "
+                        f"check the set with `python -c \"from hncl.data.make_shards import verify; "
+                        f"verify('{self.shards.root}')\"`")
 
     def export_encoder(self) -> None:
         """encoder.safetensors (torchvision ResNet keys) + encoder.json, for fine-tuning."""

@@ -7,13 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Dict, List
 
 from hncl import storage
 
-_SHOWN = ("loss", "loss_view", "loss_nn", "nn_purity", "queue_fill", "lr", "images_per_s")
+_SHOWN = ("loss", "loss_view", "loss_nn", "nn_purity", "queue_fill", "lr", "images_per_s", "skipped")
 
 
 class MetricsLog:
@@ -21,6 +22,7 @@ class MetricsLog:
         self.run_dir, self.enabled = run_dir, enabled
         self.records: List[Dict] = []
         self._tb = None
+        self._purge_step = None
         if not enabled:
             return
         self.remote = storage.is_remote(run_dir)
@@ -40,6 +42,7 @@ class MetricsLog:
         if self.enabled:
             self.records = [r for r in self.records if r["step"] <= step]
             self._rewrite()
+            self._purge_step = step + 1  # TensorBoard drops the abandoned steps' events too
 
     def write(self, metrics: Dict) -> None:
         if not self.enabled:
@@ -51,7 +54,7 @@ class MetricsLog:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=self._purge_step)
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
                 self._tb.add_scalar(k, v, record["step"])
@@ -71,7 +74,17 @@ class MetricsLog:
         if self.remote:
             storage.upload_dir(self.local, self.run_dir, keep=True)
 
-    def close(self) -> None:
-        self.flush()
+    def discard(self) -> None:
+        """Close without uploading; remove the local copy of an S3 run directory's metrics."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self.enabled and self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._tb is not None:  # its events on disk before the upload
+            self._tb.close()
+            self._tb = None
+        self.flush()
+        self.discard()

@@ -5,17 +5,21 @@ per name when it merges the workers' checkpoint folders) into a local folder and
 - RaySession: `ray.train.report(checkpoint=...)`; Ray uploads and merges them, keeps the newest
   `keep` and hands the latest back after a worker failure or a rerun with the same run name.
 - LocalSession (debug mode, torchrun): run_dir/checkpoint_NNNNNNNN/, local or S3; a checkpoint
-  counts only once rank 0 has written its `_COMPLETE` marker after every rank finished.
+  counts only once rank 0 has written its `_COMPLETE` marker after every rank finished. A folder
+  without the marker (an upload that failed) is removed when the run resumes.
+Local copies (a checkpoint being written, a downloaded one being restored) are temporary
+folders, removed after use whatever happens.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -39,6 +43,19 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def restore_dir(self) -> Optional[str]:
         """A local folder holding every rank's files of the latest checkpoint, or None."""
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Optional[str]]:
+        """restore_dir() for the block; a downloaded copy is removed afterwards."""
+        folder = self.restore_dir()
+        try:
+            yield folder
+        finally:
+            if folder is not None and self._is_temporary(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _is_temporary(self, folder: str) -> bool:
+        return os.path.basename(folder).startswith("hncl-restore-")
 
     @abc.abstractmethod
     def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
@@ -72,9 +89,12 @@ class RaySession(Session):
 
     def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
         folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
-        write(folder)
-        self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder),
-                           checkpoint_dir_name=checkpoint_name(step), delete_local_checkpoint_after_upload=True)
+        try:
+            write(folder)
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder),
+                               checkpoint_dir_name=checkpoint_name(step), delete_local_checkpoint_after_upload=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LocalSession(Session):
@@ -92,16 +112,27 @@ class LocalSession(Session):
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
+    def _incomplete(self):
+        names = storage.listdir(self.run_dir)
+        return [n for n in names if _CKPT.match(n) and COMPLETE not in storage.listdir(storage.join(self.run_dir, n))]
+
     def restore_dir(self) -> Optional[str]:
         steps = self._complete()
+        self.barrier()  # every rank has chosen before rank 0 tidies up
+        if self.rank == 0:
+            for name in self._incomplete():  # an abandoned save: never a checkpoint, now garbage
+                storage.remove(storage.join(self.run_dir, name), recursive=True)
         if not steps:
             return None
         url = storage.join(self.run_dir, checkpoint_name(steps[-1]))
         if not storage.is_remote(url):
             return url
         local = tempfile.mkdtemp(prefix="hncl-restore-")
-        fs, path = storage.filesystem(url)
-        fs.get(path + "/", local + "/", recursive=True)
+        try:
+            storage.get_dir(url, local)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
         return local
 
     def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
@@ -116,6 +147,5 @@ class LocalSession(Session):
         if self.rank == 0:
             storage.write_bytes(storage.join(url, COMPLETE), b"")
             for old in self._complete()[:-self.keep]:
-                fs, path = storage.filesystem(storage.join(self.run_dir, checkpoint_name(old)))
-                fs.rm(path, recursive=True)
+                storage.remove(storage.join(self.run_dir, checkpoint_name(old)), recursive=True)
         self.barrier()
