@@ -37,6 +37,10 @@ VARIANTS = {
     "baseline_tau01": {**METHODS["baseline"], "method.temperature": 0.1},  # the baselines get the same care
     "nnclr_tau01": {**METHODS["nnclr"], "method.temperature": 0.1},
     "nnclr_top5": {**METHODS["nnclr"], "method.topk": 5},
+    # issue #17: false negatives, more in-batch positives
+    "hncl_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
+    "hncl_batch10_exclude": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.exclude_neighbours": True},
+    "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
 }
 
 

@@ -157,8 +157,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hncl.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick, debug=args.debug, steps=args.steps,
-             identities=tuple(args.identities) if args.identities else None)
+    from hncl.demo import parse_seeds, run_seeds
+
+    options = dict(quick=args.quick, debug=args.debug, steps=args.steps,
+                   identities=tuple(args.identities) if args.identities else None)
+    if args.seeds:
+        run_seeds(args.out, parse_seeds(args.seeds), **options)
+    else:
+        run_demo(args.out, seed=args.seed, **options)
     return 0
 
 
@@ -266,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Default: Ray with 2 workers, under 15 minutes on 2 CPU cores.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", metavar="LIST", help="several runs, e.g. 0-4 or 1,5,7: DIR/seed_S each, then "
+                   "DIR/summary.md with mean +- std (a run whose report exists is kept)")
     p.add_argument("--quick", action="store_true", help="smaller and shorter (about 3 minutes)")
     p.add_argument("--debug", action="store_true", help="one process, no Ray")
     p.add_argument("--steps", type=int, help="pretraining steps per method (default 150, quick 25)")

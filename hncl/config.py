@@ -84,6 +84,8 @@ class MethodConfig:
     # hncl: also take each sample's top-n heatmap neighbours in the current global batch as
     # positives (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
     batch_neighbours: int = 0
+    # hncl: the in-batch heatmap neighbours are not negatives of the two-view term (false negatives)
+    exclude_neighbours: bool = False
     queue_size: int = 65536  # hncl, nnclr: global Q, split evenly over the W ranks
     queue_dtype: Dtype = Dtype.float32
 

@@ -4,10 +4,13 @@
 2. pretrain three times with the same budget (model, data, steps, batch, lr, temperature, queue):
    hncl (heatmap neighbours), baseline (two views only), nnclr (embedding neighbours, exactly
    NNCLR: neighbour term only)
-3. linear probe and kNN of each frozen encoder on expression (held-out identities)
-4. report.json, report.md and PNGs (loss curves, confusion matrices, heatmap-neighbour grid)
+3. linear probe and kNN of each frozen encoder on expression (held-out identities), and of a
+   random-init encoder with the same probe (what pretraining adds)
+4. report.json, report.md and PNGs (loss curves, confusion matrices, heatmap-neighbour grid),
+   with each method's per-class accuracy
 
-Default: Ray with 2 workers; --debug: one process, no Ray; --quick: a smaller, shorter run.
+Default: Ray with 2 workers; --debug: one process, no Ray; --quick: a smaller, shorter run;
+--seeds 0-9: one run per seed and a summary (mean +- std, how often HNCL is ahead).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -29,6 +32,7 @@ METHODS = {  # demo name -> method settings (everything else is shared: configs/
     "baseline": {"method.name": "simclr"},
     "nnclr": {"method.name": "nnclr"},
 }
+RANDOM = "random-init"  # the probe on an encoder nobody trained: the floor
 SIZES = {  # (train identities, test identities, faces per identity, pretraining steps)
     "default": (200, 60, 14, 150),
     "quick": (40, 20, 14, 25),
@@ -98,14 +102,16 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
     log("[demo 3/4] linear probe + kNN of each frozen encoder on expression (held-out identities)")
     from omegaconf import OmegaConf
 
-    for name in METHODS:
+    results[RANDOM] = {"training_seconds": 0.0, "neighbour_purity": None, "batch_neighbour_purity": None}
+    for name in [*METHODS, RANDOM]:
+        init = "none" if name == RANDOM else os.path.join(out, "runs", name, "encoder.safetensors")
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={test}",
-                                   f"finetune.init={os.path.join(out, 'runs', name, 'encoder.safetensors')}",
-                                   f"run.output_dir={os.path.join(out, 'probe')}", f"run.name={name}",
-                                   f"run.seed={seed}", "data.loader_workers=1"])
+                                   f"finetune.init={init}", f"run.output_dir={os.path.join(out, 'probe')}",
+                                   f"run.name={name}", f"run.seed={seed}", "data.loader_workers=1"])
         report = finetune_loop({"cfg": OmegaConf.to_container(cfg, enum_to_str=True), "session": "local"})
         results[name].update(linear_acc=report["accuracy"], linear_macro_f1=report["macro_f1"],
                              knn_acc=report["knn"]["accuracy"],
+                             per_class_acc={c: round(v["recall"], 4) for c, v in report["per_class"].items()},
                              embedding_purity=report["neighbours"].get("embedding_k1"),
                              heatmap_purity=report["neighbours"]["heatmap_k1"], chance=report["neighbours"]["chance"])
         shutil.copy(os.path.join(out, "probe", name, "confusion_matrix.png"), os.path.join(out, f"confusion_{name}.png"))
@@ -119,12 +125,76 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(_markdown(summary))
     log(_table(results))
+    log(_per_class_table(results))
     log(f"done in {summary['seconds']:.0f}s: {out}/report.md")
     return summary
 
 
+def parse_seeds(text: str) -> List[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '1,5,7' -> [1, 5, 7]; '3' -> [3]."""
+    seeds: List[int] = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return seeds
+
+
+def run_seeds(out: str, seeds: List[int], log=print, **kwargs) -> Dict:
+    """One demo per seed in out/seed_S (reused when its report exists), then out/summary.json
+    and summary.md: per-seed values, mean +- std, and in how many runs HNCL is ahead of both."""
+    runs = {}
+    for seed in seeds:
+        folder = os.path.join(out, f"seed_{seed}")
+        report = os.path.join(folder, "report.json")
+        if os.path.exists(report):
+            log(f"[demo] seed {seed}: kept {report}")
+        else:
+            log(f"[demo] seed {seed} of {seeds[0]}-{seeds[-1]}")
+            run_demo(folder, seed=seed, log=log, **kwargs)
+        with open(report) as f:
+            runs[seed] = json.load(f)
+    summary = summarise(runs)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary["markdown"])
+    log(summary["markdown"])
+    return summary
+
+
+def summarise(runs: Dict[int, Dict]) -> Dict:
+    names = [n for n in (*METHODS, RANDOM) if all(n in r for r in runs.values())]
+    seeds = sorted(runs)
+    stats = {}
+    for name in names:
+        for key in ("linear_acc", "knn_acc"):
+            values = [runs[s][name][key] for s in seeds]
+            stats.setdefault(name, {})[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
+                                               "values": values}
+    ahead = sum(all(runs[s]["hncl"]["linear_acc"] > runs[s][m]["linear_acc"] for m in ("baseline", "nnclr"))
+                for s in seeds)
+    margin = stats["hncl"]["linear_acc"]["mean"] - max(stats[m]["linear_acc"]["mean"] for m in ("baseline", "nnclr"))
+    lines = [f"Demo over seeds {', '.join(map(str, seeds))}: mean +- std (per-seed values in order)", "",
+             "| method | linear-probe acc | kNN acc |", "|---|---|---|"]
+    for name in names:
+        cells = [f"{st['mean']:.3f} +- {st['std']:.3f} ({', '.join(f'{v:.3f}' for v in st['values'])})"
+                 for st in (stats[name]["linear_acc"], stats[name]["knn_acc"])]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"HNCL ahead of both the baseline and NNCLR on linear-probe accuracy in {ahead} of {len(seeds)} "
+              f"runs; mean margin over the better of the two {margin * 100:+.1f} points.", ""]
+    return {"seeds": seeds, "stats": stats, "hncl_ahead": ahead, "hncl_margin": margin, "markdown": "\n".join(lines)}
+
+
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}"
+
+
+def _per_class_table(results: Dict) -> str:
+    classes = list(next(iter(results.values()))["per_class_acc"])
+    lines = ["| per-class accuracy | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_class_acc'][c]:.2f}" for c in classes) + " |")
+    return "\n".join(lines)
 
 
 def _table(results: Dict) -> str:
@@ -145,6 +215,9 @@ def _markdown(summary: Dict) -> str:
         f"seed {summary['seed']}, {summary['steps']} pretraining steps per method, "
         f"{'one process' if summary['debug'] else 'Ray, 2 workers'}; total {summary['seconds']:.0f} s.", "",
         _table(summary["methods"]), "",
+        f"*{RANDOM}*: the same probe on a random-init encoder (no pretraining): what pretraining adds is the "
+        "difference to it.", "",
+        _per_class_table(summary["methods"]), "",
         f"Chance (label frequencies): {any_r['chance']:.3f}. Heatmap-descriptor neighbour purity on the test set: "
         f"{any_r['heatmap_purity']:.3f}. *Neighbour purity* is the fraction of the positives each method's queue "
         "supplied during the second half of training that share the anchor's expression (HNCL: heatmap "

@@ -21,7 +21,7 @@ predictions are gathered with a gradient-carrying all-gather; means are over glo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,23 @@ from hncl import dist as hdist
 
 
 def nce_per_sample(anchors: torch.Tensor, candidates: torch.Tensor, offset: int,
-                   temperature: float) -> torch.Tensor:
+                   temperature: float, not_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-anchor InfoNCE. anchors [B, k, D] (or [B, D]); candidates [N, D] is the global
-    batch and anchor i's positive is candidates[offset + i]. Returns [B, k] (or [B])."""
+    batch and anchor i's positive is candidates[offset + i]. not_negatives [B, n]: candidates
+    left out of anchor i's denominator (-1 = none), e.g. faces known to share its expression.
+    Returns [B, k] (or [B])."""
     squeeze = anchors.dim() == 2
     if squeeze:
         anchors = anchors.unsqueeze(1)
     b, k, d = anchors.shape
     logits = F.normalize(anchors, dim=-1).reshape(b * k, d) @ F.normalize(candidates, dim=-1).T
+    if not_negatives is not None:
+        drop = torch.zeros(b, candidates.shape[0], dtype=torch.bool, device=logits.device)
+        rows = torch.arange(b, device=logits.device).unsqueeze(1).expand_as(not_negatives)
+        ok = not_negatives >= 0
+        drop[rows[ok], not_negatives[ok]] = True
+        drop[torch.arange(b, device=logits.device), torch.arange(b, device=logits.device) + offset] = False
+        logits = logits.masked_fill(drop.repeat_interleave(k, dim=0), float("-inf"))
     target = (torch.arange(b, device=anchors.device) + offset).repeat_interleave(k)
     loss = F.cross_entropy(logits / temperature, target, reduction="none").reshape(b, k)
     return loss.squeeze(1) if squeeze else loss
@@ -82,11 +91,13 @@ class Predictions:
         return cls(p1_all, p2_all, offset)
 
 
-def view_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, temperature: float) -> torch.Tensor:
-    """The two views of each image as positives: 1/2 [NCE(z1, p2) + NCE(z2, p1)]."""
+def view_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, temperature: float,
+              not_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The two views of each image as positives: 1/2 [NCE(z1, p2) + NCE(z2, p1)]; optionally
+    without some candidates (indices into the global batch) among an anchor's negatives."""
     everyone = torch.ones(z1.shape[0], dtype=torch.bool, device=z1.device)
-    per_view = 0.5 * (nce_per_sample(z1, preds.p2, preds.offset, temperature)
-                      + nce_per_sample(z2, preds.p1, preds.offset, temperature))
+    per_view = 0.5 * (nce_per_sample(z1, preds.p2, preds.offset, temperature, not_negatives)
+                      + nce_per_sample(z2, preds.p1, preds.offset, temperature, not_negatives))
     return _global_mean(per_view, everyone)
 
 

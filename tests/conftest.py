@@ -176,3 +176,11 @@ def ray_local(tmp_path_factory):
         ray.shutdown()
         stop_ray_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray carry the `ray` and `slow` markers (so `-m "not slow"` skips them)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)

@@ -1,30 +1,49 @@
-"""The demo pipeline end to end at a tiny size (one process): report structure and consistency."""
+"""The demo pipeline end to end at a tiny size (one process, two seeds): each run's report, its
+consistency with the probe runs behind it, and the multi-seed summary."""
 
 import json
 
+import numpy as np
+
 from hncl.cli import main
+from hncl.demo import RANDOM, parse_seeds
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
+def test_seed_lists():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("1,5,7") == [1, 5, 7] and parse_seeds("3") == [3]
+
+
+def test_demo_tiny_end_to_end_over_two_seeds(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--debug", "--quick", "--steps", "4", "--identities", "6", "4", "--out", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"hncl", "baseline", "nnclr", "_run"}
-    for name in ("hncl", "baseline", "nnclr"):
-        r = report[name]
-        for key in ("linear_acc", "knn_acc", "neighbour_purity", "training_seconds", "embedding_purity"):
-            assert key in r, (name, key)
-        assert 0 <= r["linear_acc"] <= 1 and 0 <= r["knn_acc"] <= 1
-        # the numbers come from the probe run's own metrics
-        probe = json.loads((out / "probe" / name / "metrics.json").read_text())
-        assert r["linear_acc"] == probe["accuracy"] and r["knn_acc"] == probe["knn"]["accuracy"]
-        assert (out / f"confusion_{name}.png").exists()
-    assert report["baseline"]["neighbour_purity"] is None  # no queue, no neighbours
-    assert report["hncl"]["neighbour_purity"] > report["hncl"]["chance"]  # heatmap positives share expression
-    assert report["hncl"]["batch_neighbour_purity"] > report["hncl"]["chance"]
-    assert report["nnclr"]["batch_neighbour_purity"] is None
-    md = (out / "report.md").read_text()
-    assert "| hncl |" in md and "| baseline |" in md and "| nnclr |" in md and "loss_curves.png" in md
-    for png in ("loss_curves.png", "neighbour_grid.png", "faces.png"):
-        assert (out / png).stat().st_size > 1000
+    assert main(["demo", "--debug", "--quick", "--steps", "4", "--identities", "6", "4", "--out", str(out),
+                 "--seeds", "0-1"]) == 0
+    reports = {s: json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in (0, 1)}
+    for seed, report in reports.items():
+        run = out / f"seed_{seed}"
+        assert set(report) == {"hncl", "baseline", "nnclr", RANDOM, "_run"} and report["_run"]["seed"] == seed
+        for name in ("hncl", "baseline", "nnclr", RANDOM):
+            r = report[name]
+            assert 0 <= r["linear_acc"] <= 1 and 0 <= r["knn_acc"] <= 1
+            # the numbers come from the probe run's own metrics, per class too
+            probe = json.loads((run / "probe" / name / "metrics.json").read_text())
+            assert r["linear_acc"] == probe["accuracy"] and r["knn_acc"] == probe["knn"]["accuracy"]
+            assert r["per_class_acc"] == {c: round(v["recall"], 4) for c, v in probe["per_class"].items()}
+            assert (run / f"confusion_{name}.png").exists()
+        assert json.loads((run / "probe" / RANDOM / "metrics.json").read_text())["init"] == "none"
+        assert report["baseline"]["neighbour_purity"] is None  # no queue, no neighbours
+        assert report["hncl"]["neighbour_purity"] > report["hncl"]["chance"]  # heatmap positives share expression
+        assert report["hncl"]["batch_neighbour_purity"] > report["hncl"]["chance"]
+        assert report["nnclr"]["batch_neighbour_purity"] is None
+        md = (run / "report.md").read_text()
+        assert "| hncl |" in md and "| baseline |" in md and f"| {RANDOM} |" in md and "per-class accuracy" in md
+        for png in ("loss_curves.png", "neighbour_grid.png", "faces.png"):
+            assert (run / png).stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("hncl", "baseline", "nnclr", RANDOM):
+        values = [reports[s][name]["linear_acc"] for s in (0, 1)]
+        st = summary["stats"][name]["linear_acc"]
+        assert st["values"] == values and abs(st["mean"] - np.mean(values)) < 1e-12 and abs(st["std"] - np.std(values)) < 1e-12
+    ahead = sum(reports[s]["hncl"]["linear_acc"] > max(reports[s][m]["linear_acc"] for m in ("baseline", "nnclr"))
+                for s in (0, 1))
+    assert summary["hncl_ahead"] == ahead and f"in {ahead} of 2 runs" in (out / "summary.md").read_text()
     assert "[demo 4/4]" in capsys.readouterr().out

@@ -73,6 +73,7 @@ class HNCL(QueueMethod):
         super().__init__(cfg, model, key_dim=key_dim, **kwargs)
         self.nn_weight = float(cfg.method.nn_weight)
         self.batch_neighbours = int(cfg.method.batch_neighbours)
+        self.exclude_neighbours = bool(cfg.method.exclude_neighbours)
 
     def training_step(self, batch):
         z1, p1, z2, p2 = self.forward(batch)
@@ -86,7 +87,8 @@ class HNCL(QueueMethod):
                 batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours)
         with record_function("hncl/loss"):
             preds = Predictions.gather(p1, p2)
-            terms = {"loss_view": view_term(z1, z2, preds, self.temperature)}
+            excluded = batch_pos if self.exclude_neighbours else None  # not repelled as negatives
+            terms = {"loss_view": view_term(z1, z2, preds, self.temperature, excluded)}
             terms["loss_nn"] = neighbour_term(n.embeddings, n.valid, n.embeddings, n.valid, preds, self.temperature)
             loss = terms["loss_view"] + self.nn_weight * terms["loss_nn"]
             if batch_pos is not None:
