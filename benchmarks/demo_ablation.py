@@ -41,6 +41,12 @@ VARIANTS = {
     "hncl_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
     "hncl_batch10_exclude": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.exclude_neighbours": True},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
+    "hncl_lambda2": {**METHODS["hncl"], "method.nn_weight": 2.0},
+    "hncl_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
+    # colour is an identity cue (skin, hair, background): views that vary it, for every method
+    "baseline_colour": {**METHODS["baseline"], "data.colour": 0.8, "data.grayscale": 0.5},
+    "hncl_colour": {**METHODS["hncl"], "data.colour": 0.8, "data.grayscale": 0.5},
+    "nnclr_colour": {**METHODS["nnclr"], "data.colour": 0.8, "data.grayscale": 0.5},
 }
 
 

@@ -106,6 +106,9 @@ class DataConfig:
     shuffle_buffer: int = 2000
     steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
     min_crop_scale: float = 0.6  # RandomResizedCrop lower bound: expressions must survive the crop
+    colour: float = 0.4  # brightness/contrast jitter of the views (saturation 3/4 of it)
+    hue: float = 0.0  # hue jitter of the views (0: off; 6x slower on CPU)
+    grayscale: float = 0.2  # probability that a view is grey
     augment_on: AugmentOn = AugmentOn.loader  # where the two views are made (docs/PERFORMANCE.md)
     # stop when more than this fraction of the samples the stream should have delivered were lost
     # (corrupt samples, and every sample of a shard that could not be read: counted in samples)
@@ -354,6 +357,9 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= cfg.data.max_skip_fraction <= 1, "data.max_skip_fraction", cfg.data.max_skip_fraction,
            "must be in [0, 1]")
     _check(cfg.data.stall_timeout_s > 0, "data.stall_timeout_s", cfg.data.stall_timeout_s, "must be > 0")
+    _check(0 <= cfg.data.colour <= 1, "data.colour", cfg.data.colour, "must be in [0, 1]")
+    _check(0 <= cfg.data.hue <= 0.5, "data.hue", cfg.data.hue, "must be in [0, 0.5]")
+    _check(0 <= cfg.data.grayscale <= 1, "data.grayscale", cfg.data.grayscale, "must be in [0, 1]")
     _check(0 < cfg.data.min_crop_scale <= 1, "data.min_crop_scale", cfg.data.min_crop_scale, "must be in (0, 1]")
     ft = cfg.finetune
     _check(ft.num_classes in (7, 8), "finetune.num_classes", ft.num_classes, "allowed values: 7, 8")

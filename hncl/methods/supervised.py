@@ -51,7 +51,8 @@ class Supervised(Method):
         z1, p1, z2, p2 = self.forward(batch)
         with record_function("hncl/loss"):
             preds = Predictions.gather(p1, p2)
-            loss = positives_term(z1, z2, preds, label_positives(batch["label"].to(z1.device)), self.temperature)
-            with torch.no_grad():  # monitored, as for the other methods
-                loss_view = view_term(z1, z2, preds, self.temperature)
-            return loss, report({"loss_view": loss_view, "loss_supervised": loss, "loss": loss})
+            loss_view = view_term(z1, z2, preds, self.temperature)
+            loss_supervised = positives_term(z1, z2, preds, label_positives(batch["label"].to(z1.device)),
+                                             self.temperature)
+            loss = loss_view + loss_supervised
+            return loss, report({"loss_view": loss_view, "loss_supervised": loss_supervised, "loss": loss})

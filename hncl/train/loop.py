@@ -116,9 +116,11 @@ class Trainer:
                   f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps "
                   f"({self.steps_per_epoch}/epoch), batch {self.batch_size}/rank", flush=True)
         on_device = value(cfg.data.augment_on) == "device"
+        d = cfg.data
+        recipe = dict(min_scale=d.min_crop_scale, colour=d.colour, grayscale=d.grayscale, hue=d.hue)
         if on_device:
-            self.batch_views = BatchViews(cfg.data.image_size, cfg.data.min_crop_scale)
-        views = None if on_device else view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
+            self.batch_views = BatchViews(d.image_size, **recipe)
+        views = None if on_device else view_transform(d.image_size, **recipe)
         pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed + 1000 * self.step,
                                   shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views,
                                   stall_timeout_s=cfg.data.stall_timeout_s)
