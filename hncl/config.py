@@ -142,6 +142,9 @@ class RunConfig:
     reshard_queue: bool = False  # resuming on another world size: re-split the queue instead of failing
     fail_at_step: Optional[int] = None  # fault injection for tests: rank `fail_rank` dies once at this step
     fail_rank: int = 1
+    # write run_dir/sample_ids_rank{r}.json at the end: the (sample id, data epoch) of every sample
+    # rank r trained on since it (re)started, to check how the stream was split (8 bytes a sample)
+    record_sample_ids: bool = False
 
 
 class Protocol(str, enum.Enum):

@@ -1,10 +1,13 @@
 """Streaming reader for shard sets (local folders or s3:// URLs), built on webdataset stages.
 
-Training mode: shards resampled with replacement (each rank and loader worker draws its own
-seeded stream), a sample shuffle buffer, fixed-size batches, endless — the training loop takes
-exactly `steps_per_epoch` batches per epoch on every rank, so collectives never hang on a rank
-that ran out of data. Evaluation mode: every sample exactly once, split by rank and loader
-worker, the last batch partial.
+Training mode: an endless sequence of data epochs. Each epoch the set's shards are shuffled
+with (seed, epoch) and dealt out to the readers (rank x loader worker, across every node), so
+each sample of an epoch is read by exactly one reader; a set with fewer shards than readers
+splits each shard into parts by sample index. Each reader shuffles its share of the epoch in a
+buffer, then goes on with its share of the next epoch: the stream never ends, so the training
+loop takes exactly `steps_per_epoch` fixed-size batches per epoch on every rank and no
+collective waits on a rank whose share was smaller. Evaluation mode: every sample exactly once,
+split by rank and loader worker, the last batch partial.
 
 Both shard formats are read (hncl/data/shard_format.py): v1's four members per sample and v2's
 one; both decode to the same sample. A set in any other format is refused when it is opened.
@@ -20,6 +23,7 @@ import importlib
 import io
 import json
 import logging
+import random
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import tarfile_samples
 
 try:
     import simplejpeg
@@ -173,6 +178,8 @@ def _collate(counter: SkipCounter):
                 "landmarks": torch.stack([s["landmarks"] for s in samples]),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                 "id": torch.tensor([s["id"] for s in samples], dtype=torch.int64),
+                **({"epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.int64)}
+                   if "epoch" in samples[0] else {}),
                 "skipped": counter.take()}
     return collate
 
@@ -232,20 +239,83 @@ class _ViewStage:
         return sample
 
 
+def work_units(num_shards: int, readers: int) -> List[tuple]:
+    """What one data epoch is dealt out as: (shard index, part, parts) units, at least one per
+    reader. With fewer shards than readers each shard is split into `parts` by sample index
+    (its readers each read the whole shard and keep every parts-th sample)."""
+    parts = max(1, -(-readers // max(1, num_shards)))
+    return [(shard, part, parts) for shard in range(num_shards) for part in range(parts)]
+
+
+def epoch_units(num_shards: int, readers: int, reader: int, seed: int, epoch: int) -> List[tuple]:
+    """The units reader `reader` of `readers` reads in data epoch `epoch`: the epoch's units in
+    an order shuffled with (seed, epoch), dealt round-robin. Every unit goes to exactly one
+    reader; which one changes from epoch to epoch."""
+    units = work_units(num_shards, readers)
+    random.Random(f"hncl-epoch/{seed}/{epoch}").shuffle(units)
+    return units[reader::readers]
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """First stage of the training pipeline: this reader's samples of data epoch `start_epoch`,
+    then of the next epoch, and so on, each epoch shuffled in a buffer of `shuffle_buffer`
+    (epochs never mix). Samples carry their epoch (`__epoch__`). The reader is (rank, loader
+    worker), found when iteration starts (in the loader worker)."""
+
+    def __init__(self, urls: List[str], seed: int, rank: int, world: int, start_epoch: int, shuffle_buffer: int,
+                 handler: Callable[[Exception], bool]):
+        self.urls, self.seed, self.rank, self.world = list(urls), seed, rank, world
+        self.start_epoch, self.shuffle_buffer, self.handler = start_epoch, shuffle_buffer, handler
+
+    def reader(self) -> tuple:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world * workers
+
+    def _epoch(self, units: List[tuple], epoch: int) -> Iterator[dict]:
+        for shard, part, parts in units:
+            samples = tarfile_samples(iter([{"url": self.urls[shard]}]), handler=self.handler)
+            for i, sample in enumerate(samples):
+                if i % parts == part:
+                    sample["__epoch__"] = epoch
+                    yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = self.reader()
+        epoch, empty = self.start_epoch, 0
+        while True:
+            units = epoch_units(len(self.urls), readers, reader, self.seed, epoch)
+            n = 0
+            rng = random.Random(f"hncl-shuffle/{self.seed}/{epoch}/{reader}")
+            for sample in wds.filters._shuffle(self._epoch(units, epoch), bufsize=max(1, self.shuffle_buffer),
+                                               initial=min(self.shuffle_buffer, 100), rng=rng):
+                n += 1
+                yield sample
+            empty = 0 if n else empty + 1
+            if empty >= 3:  # every shard of this reader unreadable, three epochs running: never spin silently
+                raise InputError(f"reader {reader} of {readers} read no sample from its shards in 3 data epochs "
+                                 f"(e.g. {self.urls[units[0][0]] if units else 'none'}): the set is unreadable")
+            epoch += 1
+
+
+def _decode_train(sample: dict, resolution: Optional[int]) -> dict:
+    out = decode_sample(sample, resolution)
+    out["epoch"] = sample["__epoch__"]
+    return out
+
+
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                    counter: Optional[SkipCounter] = None,
                    view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   views: int = 2) -> wds.DataPipeline:
-    """Endless, resampled, shuffled batches (see module docstring). With `view_transform`, each
-    sample carries `views` augmented views x1, x2 (made in the loader workers) instead of its image."""
+                   views: int = 2, rank: int = 0, world: int = 1, start_epoch: int = 0) -> wds.DataPipeline:
+    """Endless shuffled batches of this rank's share of every data epoch (see the module
+    docstring), from `start_epoch` on; deterministic for (seed, world, loader workers). With
+    `view_transform`, each sample carries `views` augmented views x1, x2 (made in the loader
+    workers) instead of its image. Batches carry each sample's data epoch (`epoch`)."""
     counter = counter or SkipCounter()
     stages = [
-        # deterministic: by default webdataset mixes the clock into both RNGs, so runs with one
-        # seed differed. Shard draws are seeded per (seed, rank, loader worker), the buffer by seed.
-        wds.ResampledShards(shards.urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=counter.handler),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, handler=counter.handler),
-        wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
+        _EpochStream(shards.urls, seed, rank, world, start_epoch, shuffle_buffer, counter.handler),
+        wds.map(partial(_decode_train, resolution=shards.resolution), handler=counter.handler),
     ]
     if view_transform is not None:
         stages.append(wds.map(_ViewStage(view_transform, views), handler=counter.handler))

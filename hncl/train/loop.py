@@ -3,7 +3,8 @@
 Per step: a batch of two views + stored heatmaps from the shard stream -> descriptors on the
 device -> the method's training step (hncl/methods) -> the engine's step (DDP or DeepSpeed:
 hncl/train/engine.py) -> metrics. Every rank runs exactly `steps_per_epoch` steps per epoch (the
-stream is resampled and endless), so collectives never wait on a rank that ran out of data.
+stream of its share of each data epoch is endless), so collectives never wait on a rank that ran
+out of data.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,6 +68,8 @@ class Trainer:
         self.run_dir = self.engine.run_dir
         self.skipped: Dict[str, int] = {}
         self.samples_seen = 0
+        # run.record_sample_ids: (sample id, data epoch) of every sample this rank trains on
+        self.sample_ids: Optional[List[Tuple[int, int]]] = [] if cfg.run.record_sample_ids else None
 
     def save_checkpoint(self, metrics: Dict[str, float]) -> None:
         self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": self.skipped},
@@ -102,6 +106,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
+        self._first_step = self.step
         if self.rank == 0:
             print(f"[hncl] run directory: {self.run_dir} ({'resumed at step ' + str(self.step) if resumed else 'new'}); "
                   f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps "
@@ -110,14 +115,18 @@ class Trainer:
         if on_device:
             self.batch_views = BatchViews(cfg.data.image_size, cfg.data.min_crop_scale)
         views = None if on_device else view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
-        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed + 1000 * self.step,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views)
+        # this rank's share of every data epoch; a resumed run starts over the epoch it stopped in
+        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  view_transform=views, rank=self.rank, world=self.world,
+                                  start_epoch=self.step // self.steps_per_epoch)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
         metrics: Dict[str, float] = {}
         window_start, window_samples = time.time(), 0
         while self.step < self.total_steps:
             batch = next(batches)
             add_skipped(self.skipped, batch)
+            if self.sample_ids is not None:
+                self.sample_ids.extend(zip(batch["id"].tolist(), batch["epoch"].tolist()))
             metrics = self._step(batch)
             self.step += 1
             self.samples_seen += len(batch["id"]) * self.world
@@ -138,6 +147,11 @@ class Trainer:
                 self.save_checkpoint(numeric)
             elif self.step % cfg.run.log_every == 0:
                 self.session.report_metrics(numeric)
+        if self.sample_ids is not None:
+            storage.write_json(storage.join(self.run_dir, f"sample_ids_rank{self.rank}.json"),
+                               {"rank": self.rank, "world_size": self.world,
+                                "node_ip": _node_ip(), "first_step": self._first_step,
+                                "ids": [i for i, _ in self.sample_ids], "epochs": [e for _, e in self.sample_ids]})
         if self.rank == 0:
             self.export_encoder()
             print(f"[hncl] finished {self.step} steps; run directory: {self.run_dir}", flush=True)
@@ -167,6 +181,12 @@ class Trainer:
                 "image_size": self.cfg.data.image_size, "step": self.step, "shards": self.cfg.data.train_shards,
                 "method": self.method.name, "normalize": {"mean": list(MEAN), "std": list(STD)}}
         storage.write_bytes(storage.join(self.run_dir, "encoder.json"), json.dumps(info, indent=1).encode())
+
+
+def _node_ip() -> Optional[str]:
+    """The Ray node this worker runs on (None outside Ray; debug mode never imports Ray)."""
+    ray = sys.modules.get("ray")
+    return ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else None
 
 
 @contextlib.contextmanager
