@@ -107,6 +107,20 @@ def kill_processes(pgid: Optional[int], marker: str) -> None:
     raise RuntimeError(f"processes of {marker} survive SIGKILL: {sorted(_processes_of(pgid, marker))}")
 
 
+def unshare_argv() -> Optional[List[str]]:
+    """How to give node 2 a mount namespace of its own here: `unshare -m` (root), else in a user
+    namespace of its own (`unshare -r -m`, where unprivileged user namespaces are allowed), else
+    None (the multi-node tests skip)."""
+    for argv in (["unshare", "-m", "--propagation", "private"], ["unshare", "-r", "-m", "--propagation", "private"]):
+        try:
+            if subprocess.run(argv + ["sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True,
+                              timeout=30).returncode == 0:
+                return argv
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
 class TwoNodeCluster:
     """Head 127.0.0.2 (GCS, dashboard, 1 CPU) + node 127.0.0.3 (1 CPU, own mount namespace)."""
 
@@ -129,6 +143,10 @@ class TwoNodeCluster:
         # the nodes know no S3 endpoint or credentials: a job's workers get the driver's (forwarded)
         self.node_env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
         self.pgids: Dict[str, int] = {}
+        self.unshare = unshare_argv()
+        if self.unshare is None:
+            raise RuntimeError("node 2 needs a mount namespace of its own: `unshare -m` (root) or unprivileged "
+                               "user namespaces (`unshare -r -m`)")
         self._write_hosts()
 
     def _write_hosts(self) -> None:
@@ -160,7 +178,7 @@ class TwoNodeCluster:
         setup = 'mount -t tmpfs tmpfs "$HNCL_PRIVATE" && mount --bind "$HNCL_HOSTS" /etc/hosts && exec "$0" "$@"'
         self.node_env.update(HNCL_PRIVATE=self.private, HNCL_HOSTS=self.hosts_file)
         self._start("node2", [
-            "unshare", "-m", "--propagation", "private", "sh", "-c", setup,
+            *self.unshare, "sh", "-c", setup,
             self.ray, "start", f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=1",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
             f"--temp-dir={self.temp_dir('node2')}", *node_port_flags()])

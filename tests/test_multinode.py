@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,11 @@ N, SHARD = 240, 30
 @pytest.fixture(scope="session")
 def two_nodes(s3_endpoint):
     """The session's two-node cluster. Its nodes know no S3 settings: workers get the driver's."""
+    from multinode import unshare_argv
+
+    if unshare_argv() is None:
+        pytest.skip("node 2 needs a mount namespace of its own: `unshare -m` (root) or unprivileged user "
+                    "namespaces (`unshare -r -m`)")
     cluster = TwoNodeCluster().start()
     try:
         yield cluster
@@ -167,8 +173,6 @@ def test_unshared_disk_unreachable_s3_wrong_address_and_missing_node_stop_in_one
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
         f"hncl make-shards: error: --out={cluster.private}/set is not visible from node {NODE2_IP}"), proc.stderr[-2000:]
     # S3 that node 2 cannot reach: the endpoint by this machine's name, which node 2 resolves elsewhere
-    import socket
-
     if socket.gethostbyname(cluster.hostname) == "127.0.0.1":
         endpoint = s3_endpoint.replace("127.0.0.1", cluster.hostname)
         proc = run(pretrain_args(shards, f"s3://{bucket}/runs", "unreachable"), cluster, AWS_ENDPOINT_URL_S3=endpoint)
@@ -176,15 +180,12 @@ def test_unshared_disk_unreachable_s3_wrong_address_and_missing_node_stop_in_one
         assert f"run.output_dir=s3://{bucket}/runs is not reachable from node {NODE2_IP}" in line
         assert endpoint in line and f"data.train_shards={shards} is not reachable from node {NODE2_IP}" in line
         assert not fs.exists(f"{bucket}/runs/unreachable")
-    # a wrong address: no ray.init retries, one line at once
-    t0 = time.time()
+    # a wrong address: refused before ray.init (whose reconnect attempts take a minute and end in a traceback)
     proc = run(pretrain_args(shards, f"s3://{bucket}/runs", "nowhere") + ["--address", f"{HEAD_IP}:{free_port()}"],
                cluster)
     assert re.search(rf"cannot reach a Ray cluster at {HEAD_IP}:\d+ .*check --address / \$RAY_ADDRESS",
                      error_line(proc))
-    assert time.time() - t0 < 60
     # a node that never joins: 3 workers, one per node, on 2 nodes; Ray Train alone would wait forever
-    t0 = time.time()
     proc = run(pretrain_args(shards, f"s3://{bucket}/runs", "third", **{"dist.node_wait_s": 5, "dist.num_workers": 3,
                                                                         "method.queue_size": 255}), cluster)
     assert "waiting up to dist.node_wait_s=5 s for 1 more" in proc.stdout
@@ -192,7 +193,6 @@ def test_unshared_disk_unreachable_s3_wrong_address_and_missing_node_stop_in_one
     assert "stopped after waiting dist.node_wait_s=5 s" in line and "needs 3 workers x {CPU: 1} on distinct nodes" in line
     assert f"2 alive nodes ({HEAD_IP} {{CPU: 1}}, {NODE2_IP} {{CPU: 1}})" in line and "1 worker short" in line
     assert "No checkpoint was committed yet" in line
-    assert time.time() - t0 < 120
 
 
 # --- the cluster commands ---------------------------------------------------------------------
@@ -270,8 +270,7 @@ def test_lost_node_stops_the_run_after_node_wait_s_or_resumes_when_it_returns(cl
     with open(tmp_path / "first.log", "w") as log:
         proc, seen = _run_until_committed(cluster, fs, cmd, run_dir, 8, log)
         cluster.kill_node2()
-        t_kill = time.time()
-        proc.wait(timeout=300)
+        proc.wait(timeout=300)  # Ray Train's own default would wait forever
     output = open(tmp_path / "first.log").read()
     line = [ln for ln in output.splitlines() if ln.startswith("hncl pretrain: error: ")]
     assert proc.returncode == 1 and len(line) == 1, output[-4000:]
@@ -282,7 +281,6 @@ def test_lost_node_stops_the_run_after_node_wait_s_or_resumes_when_it_returns(cl
     assert f"1 alive node ({HEAD_IP} {{CPU: 1}})" in line[0], line[0]
     stopped_at = int(m.group(3))
     assert m.group(1) == run_dir and stopped_at >= seen and int(m.group(2)) == stopped_at
-    assert time.time() - t_kill < 120  # bounded: Ray Train's default would wait forever
     checkpoint = f"{run_dir}/checkpoint_{stopped_at:08d}"
     assert json.loads(fs.cat(f"{checkpoint}/train_state.json"))["step"] == stopped_at
     saved = queue_digests_on_s3(fs, checkpoint)
