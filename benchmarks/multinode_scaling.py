@@ -3,10 +3,12 @@ machine (tests/multinode.py: head 127.0.0.2, node 127.0.0.3, one CPU each), and 
 collective sends per step.
 
 Each run is a real `hncl pretrain` job (TorchTrainer, gloo, DDP, sharded queue, in-batch
-neighbours; the demo's model and method settings) with dist.placement=STRICT_SPREAD: W=1 runs
-on one node, W=2 on both, gloo between the nodes over TCP. The two configurations alternate in
-rounds (the machine is shared); images/s come from each job's own metrics.jsonl with the first
-windows dropped as start-up, the median over windows and then over rounds is kept.
+neighbours; the demo's model and method settings), one CPU per worker. Three configurations
+alternate in rounds (the machine is shared): one worker on the head; two workers on the head
+(dist.placement=STRICT_PACK: one node, the head has 2 CPUs for this); two workers one per node
+(STRICT_SPREAD, gloo between the nodes over TCP). Images/s come from each job's own
+metrics.jsonl with the first windows dropped as start-up, the median over windows and then over
+rounds is kept; ratios are per worker against the one-worker runs of the same rounds.
 
 Both nodes share this machine's cores, memory and loopback, so the ratio measures what the
 multi-node path costs in software (a raylet per node, placement across nodes, gloo over TCP
@@ -107,9 +109,10 @@ def main(argv=None) -> Dict:
 
     from hncl.train.launch import run_on_ray
 
-    cluster = TwoNodeCluster().start()
+    cluster = TwoNodeCluster(head_cpus=2).start()
     os.environ.update(RAY_ADDRESS=cluster.address, RAY_AUTH_MODE="disabled")
-    runs: Dict[str, list] = {"1": [], "2": []}
+    configs = {"1 node x 1": (1, "STRICT_PACK"), "1 node x 2": (2, "STRICT_PACK"), "2 nodes x 1": (2, "STRICT_SPREAD")}
+    runs: Dict[str, list] = {k: [] for k in configs}
     comm: Dict[str, Dict] = {}
     try:
         with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # a disk both nodes see
@@ -118,11 +121,11 @@ def main(argv=None) -> Dict:
                                                                                  ("size", 112))),
                         shard_size=150, descriptor_dim=64, progress=False, log=lambda m: None)
             for rnd in range(args.rounds):
-                for w in (1, 2):
-                    name = f"w{w}-r{rnd}"
+                for label, (w, placement) in configs.items():
+                    name = f"{placement.lower()}-w{w}-r{rnd}"
                     over = {**METHODS["hncl"], "data.train_shards": shards, "run.output_dir": tmp, "run.name": name,
                             "data.steps_per_epoch": args.steps, "dist.num_workers": w, "dist.cpus_per_worker": 1,
-                            "dist.placement": "STRICT_SPREAD", "data.loader_workers": 0,
+                            "dist.placement": placement, "data.loader_workers": 0,
                             "data.batch_size": args.batch, "run.log_every": args.log_every,
                             "method.queue_size": 2048}
                     cfg = load_config(CONFIG, [f"{k}={v}" for k, v in over.items()])
@@ -132,9 +135,9 @@ def main(argv=None) -> Dict:
                     with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
                         rows = [json.loads(line) for line in f]
                     steady = [r["images_per_s"] for r in rows[args.skip_windows:]]
-                    runs[str(w)].append({"images_per_s": median(steady), "windows": steady, "wall_seconds": wall})
-                    print(f"round {rnd} W={w}: {median(steady):.1f} images/s, job wall {wall:.0f}s", flush=True)
-                    if w == 2 and rnd == 0:
+                    runs[label].append({"images_per_s": median(steady), "windows": steady, "wall_seconds": wall})
+                    print(f"round {rnd} {label}: {median(steady):.1f} images/s, job wall {wall:.0f}s", flush=True)
+                    if label == "2 nodes x 1" and rnd == 0:
                         for r in (0, 1):
                             with open(os.path.join(tmp, name, f"comm_rank{r}.json")) as f:
                                 comm[f"rank{r}"] = {k: {"bytes_per_step": v[0] / args.steps,
@@ -147,16 +150,16 @@ def main(argv=None) -> Dict:
         ray.shutdown()
         cluster.stop()
     out: Dict[str, Dict] = {}
-    for w, rs in runs.items():
+    for label, rs in runs.items():
         ips = median([r["images_per_s"] for r in rs])
-        out[w] = {"images_per_s": ips, "per_worker": ips / int(w), "rounds": rs}
-    base = out["1"]["per_worker"]
+        out[label] = {"images_per_s": ips, "per_worker": ips / configs[label][0], "rounds": rs}
+    base = out["1 node x 1"]["per_worker"]
     for r in out.values():
         r["per_worker_ratio"] = r["per_worker"] / base
     write("multinode_scaling", {"config": vars(args), "runs": out, "communication_w2": comm})
     print(table([[w, round(r["images_per_s"], 1), round(r["per_worker"], 1), round(r["per_worker_ratio"], 3),
                   ", ".join(f"{x['images_per_s']:.1f}" for x in r["rounds"])] for w, r in out.items()],
-                ["nodes x 1 worker", "images/s", "per worker", "per-worker ratio vs 1 node", "per round"]))
+                ["nodes x workers", "images/s", "per worker", "per-worker ratio vs 1 x 1", "per round"]))
     rows = [[k, int(v["bytes_per_step"]), round(v["calls_per_step"], 2)] for k, v in sorted(comm["rank0"].items())]
     rows.append(["DDP gradient all-reduce (C++; parameters)", comm["ddp_gradient_allreduce_bytes_per_step"], "buckets"])
     print(table(rows, ["collective <- caller (rank 0)", "bytes sent per step", "calls per step"]))

@@ -124,7 +124,8 @@ def unshare_argv() -> Optional[List[str]]:
 class TwoNodeCluster:
     """Head 127.0.0.2 (GCS, dashboard, 1 CPU) + node 127.0.0.3 (1 CPU, own mount namespace)."""
 
-    def __init__(self, extra_env: Optional[Dict[str, str]] = None):
+    def __init__(self, extra_env: Optional[Dict[str, str]] = None, head_cpus: int = 1):
+        self.head_cpus = head_cpus
         # short: Ray's unix sockets live under the temp dirs (108-byte limit)
         self.root = tempfile.mkdtemp(prefix="hncl-mn-", dir="/tmp")
         self.private = os.path.join(self.root, "private")  # node 2's own disk
@@ -170,7 +171,8 @@ class TwoNodeCluster:
         self._start("head", [
             self.ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
             f"--dashboard-port={self.dashboard_port}", f"--dashboard-host={HEAD_IP}", "--include-dashboard=true",
-            f"--ray-client-server-port={free_port()}", "--num-cpus=1", f"--object-store-memory={OBJECT_STORE_BYTES}",
+            f"--ray-client-server-port={free_port()}", f"--num-cpus={self.head_cpus}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
             "--disable-usage-stats", f"--temp-dir={self.temp_dir('head')}", *node_port_flags()])
 
     def start_node2(self) -> None:
