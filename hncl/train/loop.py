@@ -116,9 +116,9 @@ class Trainer:
             self.batch_views = BatchViews(cfg.data.image_size, cfg.data.min_crop_scale)
         views = None if on_device else view_transform(cfg.data.image_size, cfg.data.min_crop_scale)
         # this rank's share of every data epoch; a resumed run starts over the epoch it stopped in
-        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  view_transform=views, rank=self.rank, world=self.world,
-                                  start_epoch=self.step // self.steps_per_epoch)
+        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views, rank=self.rank,
+                                  world=self.world, start_epoch=self.step // self.steps_per_epoch)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
         metrics: Dict[str, float] = {}
         window_start, window_samples = time.time(), 0
