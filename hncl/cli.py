@@ -110,7 +110,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     else:
         from hncl.train.launch import run_on_ray
 
-        run_on_ray(cfg, finetune_loop, args.address)
+        run_on_ray(cfg, finetune_loop, args.address,
+                   inputs=("finetune.train_shards", "finetune.test_shards", "finetune.init"))
     return 0
 
 

@@ -51,6 +51,14 @@ class Strategy(str, enum.Enum):
     deepspeed = "deepspeed"
 
 
+class Placement(str, enum.Enum):
+    """Ray placement-group strategies for the workers' bundles."""
+    PACK = "PACK"  # as few nodes as possible (Ray Train's default)
+    SPREAD = "SPREAD"  # over the nodes where possible
+    STRICT_SPREAD = "STRICT_SPREAD"  # one worker per node, never two on one node
+    STRICT_PACK = "STRICT_PACK"  # all workers on one node
+
+
 class AugmentOn(str, enum.Enum):
     loader = "loader"  # torchvision, per image, in the loader workers
     device = "device"  # kornia, per batch, on the training device after the copy (GPU jobs)
@@ -137,6 +145,11 @@ class DistConfig:
     precision: Dtype = Dtype.float32  # bfloat16/float16 = mixed precision on GPU
     max_failures: int = 2  # Ray restarts the workers from the last checkpoint this often
     cpus_per_worker: int = 1
+    placement: Placement = Placement.PACK  # STRICT_SPREAD: one worker per node
+    # How long Ray Train may wait for its workers' resources (a lost node to come back, a node to
+    # join) before the run stops, naming what is missing and the last committed checkpoint.
+    # Ray's own default is to wait forever.
+    node_wait_s: float = 600.0
 
 
 @dataclass
@@ -150,6 +163,9 @@ class RunConfig:
     reshard_queue: bool = False  # resuming on another world size: re-split the queue instead of failing
     fail_at_step: Optional[int] = None  # fault injection for tests: rank `fail_rank` dies once at this step
     fail_rank: int = 1
+    # write run_dir/sample_ids_rank{r}.json at the end: the (sample id, data epoch) of every sample
+    # rank r trained on since it (re)started, to check how the stream was split (8 bytes a sample)
+    record_sample_ids: bool = False
 
 
 class Protocol(str, enum.Enum):
@@ -350,6 +366,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     _check(cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, "must be >= 1")
     _check(cfg.dist.num_workers >= 1, "dist.num_workers", cfg.dist.num_workers, "must be >= 1")
+    _check(cfg.dist.node_wait_s > 0, "dist.node_wait_s", cfg.dist.node_wait_s,
+           "must be > 0 (seconds to wait for a lost node; Ray's wait-forever is not offered)")
     _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage, "allowed values: 0, 1, 2")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, "must be >= 1")
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")

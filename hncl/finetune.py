@@ -164,8 +164,8 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
                           momentum=0.9, nesterov=True, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
     engine = Engine(cfg, model, opt, sched, device, strategy="ddp")  # DDP over the ranks, if several
-    pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed + rank, shuffle_buffer=cfg.data.shuffle_buffer,
-                              view_transform=fer_augment(cfg.data.image_size), views=1)
+    pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                              view_transform=fer_augment(cfg.data.image_size), views=1, rank=rank, world=world)
     batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
     history = []
     for epoch in range(ft.epochs):

@@ -73,3 +73,20 @@ def own_run_dir(cfg, command: str) -> None:
     if command == "evaluate" and ckpt and os.path.normpath(ckpt) == os.path.normpath(folder):
         raise ConfigError(f"config error: run.name={cfg.run.name}: evaluate would write into the classifier's own "
                           f"folder {ckpt}. Choose another run.name")
+
+
+def cluster_storage(cfg, inputs=()) -> None:
+    """On a Ray cluster of several nodes, before any worker starts: every alive node sees
+    run.output_dir and every input in `inputs` (config fields naming a shard set or a file) as
+    this driver does (hncl.raycluster.require_visible). Ray itself notices a run directory on an
+    unshared disk only at the first checkpoint upload, after retries; a run without checkpoints
+    not at all."""
+    from hncl.raycluster import require_visible
+
+    locations = [("run.output_dir", cfg.run.output_dir, "output")]
+    for field in inputs:
+        section, name = field.split(".")
+        url = cfg[section][name]
+        if url and url != "none":
+            locations.append((field, storage.join(url, "manifest.json") if field.endswith("_shards") else url, "input"))
+    require_visible(locations)

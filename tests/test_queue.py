@@ -91,7 +91,12 @@ def _sharded_run(kind, exchange):
 @pytest.mark.parametrize("world_size, kind, exchange", [
     (2, "random", "all_gather"), (3, "random", "auto"), (3, "ties", "all_to_all")])
 def test_sharded_lookup_and_loss_equal_single_process_union(run_distributed, world_size, kind, exchange):
-    results = run_distributed(_sharded_run, world_size, kind, exchange)
+    assert_equal_to_single_process_union(run_distributed(_sharded_run, world_size, kind, exchange), world_size, kind)
+
+
+def assert_equal_to_single_process_union(results, world_size, kind):
+    """results[r] = _sharded_run's records on rank r (here, or on the ranks of a Ray cluster:
+    tests/test_multinode.py) against the reference holding every rank's slice."""
     ref = ReferenceQueue(Q, world_size)
     saw_self, saw_invalid, saw_full = False, False, False
     for step in range(STEPS):

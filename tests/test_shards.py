@@ -145,6 +145,26 @@ def test_training_stream_is_reproducible_for_a_seed(serial_set):
     assert ids(5) != ids(6)
 
 
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 2)])
+def test_training_stream_reads_each_sample_of_an_epoch_on_exactly_one_rank_and_worker(serial_set, world, workers):
+    """The ranks' streams split every data epoch: 4 readers share the 4 shards; 6 readers split
+    each shard in two by sample index. Equal batches per rank regardless (the stream goes on into
+    the next epoch), and each epoch's split differs from the last."""
+    ids = {}  # (rank, worker-order position) -> [(id, epoch)]
+    for rank in range(world):
+        it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=8, seed=1, rank=rank,
+                                        world=world, shuffle_buffer=20), num_workers=workers))
+        for n in range(24):  # the DataLoader takes batches from its workers in turn
+            b = next(it)
+            ids.setdefault((rank, n % workers), []).extend(zip(b["id"].tolist(), b["epoch"].tolist()))
+    everything = sorted(torch.cat([b["id"] for b in read_all(serial_set)]).tolist())
+    for epoch in (0, 1):
+        readers = [[i for i, e in got if e == epoch] for got in ids.values()]
+        assert sorted(i for r in readers for i in r) == everything, epoch  # each sample once per epoch
+    shares = [{i for i, e in got if e == epoch} for got in ids.values() for epoch in (0, 1)]
+    assert shares[0::2] != shares[1::2]  # readers get other shards in the next epoch
+
+
 def _shard_hashes(root):
     return [s["sha256"] for s in verify(str(root))["shards"]]
 

@@ -131,10 +131,15 @@ def _run_all(job, todo: List[tuple], workers: int, ray_address: Optional[str], p
         if ray_address:
             import ray
 
-            from hncl.raycluster import connect_ray
+            from hncl.raycluster import connect_ray, require_visible, worker_env
 
             connect_ray(ray_address)  # 'auto': the cluster on this machine; 'local': a private instance
-            task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(task_fn)
+            require_visible([("--out", job.out, "output")])  # every node writes shards there
+            # tasks start with their node's environment: this driver's S3 settings go with them;
+            # SPREAD: over every node of the cluster, not first filling the driver's
+            env = worker_env()
+            task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2, scheduling_strategy="SPREAD",
+                              **({"runtime_env": {"env_vars": env}} if env else {}))(task_fn)
             pending = {task.remote(job, *p): p for p in todo}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

@@ -1,10 +1,13 @@
 """Streaming reader for shard sets (local folders or s3:// URLs), built on webdataset stages.
 
-Training mode: shards resampled with replacement (each rank and loader worker draws its own
-seeded stream), a sample shuffle buffer, fixed-size batches, endless — the training loop takes
-exactly `steps_per_epoch` batches per epoch on every rank, so collectives never hang on a rank
-that ran out of data. Evaluation mode: every sample exactly once, split by rank and loader
-worker, the last batch partial.
+Training mode: an endless sequence of data epochs. Each epoch the set's shards are shuffled
+with (seed, epoch) and dealt out to the readers (rank x loader worker, across every node), so
+each sample of an epoch is read by exactly one reader; a set with fewer shards than readers
+splits each shard into parts by sample index. Each reader shuffles its share of the epoch in a
+buffer, then goes on with its share of the next epoch: the stream never ends, so the training
+loop takes exactly `steps_per_epoch` fixed-size batches per epoch on every rank and no
+collective waits on a rank whose share was smaller. Evaluation mode: every sample exactly once,
+split by rank and loader worker, the last batch partial.
 
 Both shard formats are read (hncl/data/shard_format.py): v1's four members per sample and v2's
 one; both decode to the same sample. A set in any other format is refused when it is opened.
@@ -26,6 +29,7 @@ import io
 import os
 import json
 import logging
+import random
 import tarfile
 import threading
 import time
@@ -127,6 +131,8 @@ class ShardSamples:
         self.root = shards.root
         self.counter = counter
         self.stall_timeout_s = stall_timeout_s
+        self._last_delivery: Optional[float] = None  # this reader's last delivered sample
+        self._failing: set = set()  # shards that failed in a row without delivering a sample
 
     def _samples(self, url: str) -> Iterator[dict]:
         stream = storage.open_stream(url) if storage.is_remote(url) else open(url, "rb")
@@ -157,35 +163,41 @@ class ShardSamples:
                 time.sleep(delay)
                 delay = min(2 * delay, 8.0)
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        last_delivery, failing = time.monotonic(), set()
-        for item in src:
-            url = item["url"]
-            progress, error = [0], None
-            try:
-                for sample in self._read(url, progress):
-                    last_delivery = time.monotonic()
+    def read(self, url: str, part: int = 0, parts: int = 1) -> Iterator[dict]:
+        """One shard's samples (every `parts`-th from `part`: a reader's share of a shard split
+        between readers), what it fails to deliver of its share counted as lost."""
+        if self._last_delivery is None:
+            self._last_delivery = time.monotonic()
+        progress, error = [0], None
+        try:
+            for i, sample in enumerate(self._read(url, progress)):
+                if i % parts == part:
+                    self._last_delivery = time.monotonic()
                     yield sample
-            except Exception as e:  # every failure is counted, named, and the stream goes on
-                error = storage.explain(e, url, "reading") or e
-            delivered = progress[0]
-            lost = self.expected.get(url, delivered) - delivered
-            if error is None and lost <= 0:
-                failing.clear()
-                continue
-            reason = _reason(error) if error is not None else "truncated or unreadable shard"
-            name = url.rsplit("/", 1)[-1]
-            self.counter.lost(reason, name, max(lost, 0))
-            log.warning("%s: %s lost %d of %d samples (%s)", reason, url, max(lost, 0), self.expected.get(url, 0),
-                        str(error)[:300] if error is not None else "the shard ended early")
-            if delivered == 0:
-                failing.add(url)
-            stalled = time.monotonic() - last_delivery
-            if len(failing) >= len(self.expected) or stalled > self.stall_timeout_s:
-                what = (f"none of the {len(self.expected)} shards could be read" if len(failing) >= len(self.expected)
-                        else f"no sample arrived for {stalled:.0f} s (data.stall_timeout_s={self.stall_timeout_s:g})")
-                raise DataStall(f"{self.root}: {what}; last: {reason} on {name}: "
-                                f"{(str(error) if error is not None else 'ended early').splitlines()[0][:300]}")
+        except Exception as e:  # every failure is counted, named, and the stream goes on
+            error = storage.explain(e, url, "reading") or e
+        total = self.expected.get(url, progress[0])
+        lost = len(range(part, total, parts)) - len(range(part, progress[0], parts))
+        if error is None and lost <= 0:
+            self._failing.clear()
+            return
+        reason = _reason(error) if error is not None else "truncated or unreadable shard"
+        name = url.rsplit("/", 1)[-1]
+        self.counter.lost(reason, name, max(lost, 0))
+        log.warning("%s: %s lost %d of %d samples (%s)", reason, url, max(lost, 0), len(range(part, total, parts)),
+                    str(error)[:300] if error is not None else "the shard ended early")
+        if progress[0] == 0:
+            self._failing.add(url)
+        stalled = time.monotonic() - self._last_delivery
+        if len(self._failing) >= len(self.expected) or stalled > self.stall_timeout_s:
+            what = (f"none of the {len(self.expected)} shards could be read" if len(self._failing) >= len(self.expected)
+                    else f"no sample arrived for {stalled:.0f} s (data.stall_timeout_s={self.stall_timeout_s:g})")
+            raise DataStall(f"{self.root}: {what}; last: {reason} on {name}: "
+                            f"{(str(error) if error is not None else 'ended early').splitlines()[0][:300]}")
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for item in src:
+            yield from self.read(item["url"])
 
 
 _NPY_HEADERS: Dict[bytes, tuple] = {}  # raw .npy header -> (dtype, shape, fortran_order)
@@ -276,6 +288,8 @@ def _collate(counter: SkipCounter):
                 "landmarks": torch.stack([s["landmarks"] for s in samples]),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                 "id": torch.tensor([s["id"] for s in samples], dtype=torch.int64),
+                **({"epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.int64)}
+                   if "epoch" in samples[0] else {}),
                 "skipped": counter.take(), "skipped_where": counter.take_where()}
     return collate
 
@@ -344,20 +358,83 @@ class _ViewStage:
         return sample
 
 
+def work_units(num_shards: int, readers: int) -> List[tuple]:
+    """What one data epoch is dealt out as: (shard index, part, parts) units, at least one per
+    reader. With fewer shards than readers each shard is split into `parts` by sample index
+    (its readers each read the whole shard and keep every parts-th sample)."""
+    parts = max(1, -(-readers // max(1, num_shards)))
+    return [(shard, part, parts) for shard in range(num_shards) for part in range(parts)]
+
+
+def epoch_units(num_shards: int, readers: int, reader: int, seed: int, epoch: int) -> List[tuple]:
+    """The units reader `reader` of `readers` reads in data epoch `epoch`: the epoch's units in
+    an order shuffled with (seed, epoch), dealt round-robin. Every unit goes to exactly one
+    reader; which one changes from epoch to epoch."""
+    units = work_units(num_shards, readers)
+    random.Random(f"hncl-epoch/{seed}/{epoch}").shuffle(units)
+    return units[reader::readers]
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """First stage of the training pipeline: this reader's samples of data epoch `start_epoch`,
+    then of the next epoch, and so on, each epoch shuffled in a buffer of `shuffle_buffer`
+    (epochs never mix). Samples carry their epoch (`__epoch__`). The reader is (rank, loader
+    worker), found when iteration starts (in the loader worker)."""
+
+    def __init__(self, shards: "ShardSet", samples: "ShardSamples", seed: int, rank: int, world: int,
+                 start_epoch: int, shuffle_buffer: int):
+        self.urls, self.samples, self.seed, self.rank, self.world = shards.urls, samples, seed, rank, world
+        self.start_epoch, self.shuffle_buffer = start_epoch, shuffle_buffer
+
+    def reader(self) -> tuple:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world * workers
+
+    def _epoch(self, units: List[tuple], epoch: int) -> Iterator[dict]:
+        for shard, part, parts in units:
+            for sample in self.samples.read(self.urls[shard], part, parts):
+                sample["__epoch__"] = epoch
+                yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = self.reader()
+        epoch, empty = self.start_epoch, 0
+        while True:
+            units = epoch_units(len(self.urls), readers, reader, self.seed, epoch)
+            n = 0
+            rng = random.Random(f"hncl-shuffle/{self.seed}/{epoch}/{reader}")
+            for sample in wds.filters._shuffle(self._epoch(units, epoch), bufsize=max(1, self.shuffle_buffer),
+                                               initial=min(self.shuffle_buffer, 100), rng=rng):
+                n += 1
+                yield sample
+            empty = 0 if n else empty + 1
+            if empty >= 3:  # every shard of this reader unreadable, three epochs running: never spin silently
+                raise InputError(f"reader {reader} of {readers} read no sample from its shards in 3 data epochs "
+                                 f"(e.g. {self.urls[units[0][0]] if units else 'none'}): the set is unreadable")
+            epoch += 1
+
+
+def _decode_train(sample: dict, resolution: Optional[int]) -> dict:
+    out = decode_sample(sample, resolution)
+    out["epoch"] = sample["__epoch__"]
+    return out
+
+
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                    counter: Optional[SkipCounter] = None,
                    view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   views: int = 2, stall_timeout_s: float = 600.0) -> wds.DataPipeline:
-    """Endless, resampled, shuffled batches (see module docstring). With `view_transform`, each
-    sample carries `views` augmented views x1, x2 (made in the loader workers) instead of its image."""
+                   views: int = 2, rank: int = 0, world: int = 1, start_epoch: int = 0,
+                   stall_timeout_s: float = 600.0) -> wds.DataPipeline:
+    """Endless shuffled batches of this rank's share of every data epoch (see the module
+    docstring), from `start_epoch` on; deterministic for (seed, world, loader workers). With
+    `view_transform`, each sample carries `views` augmented views x1, x2 (made in the loader
+    workers) instead of its image. Batches carry each sample's data epoch (`epoch`)."""
     counter = counter or SkipCounter()
     stages = [
-        # deterministic: by default webdataset mixes the clock into both RNGs, so runs with one
-        # seed differed. Shard draws are seeded per (seed, rank, loader worker), the buffer by seed.
-        wds.ResampledShards(shards.urls, seed=seed, deterministic=True),
-        ShardSamples(shards, counter, stall_timeout_s),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, handler=counter.handler),
-        wds.map(partial(decode_sample, resolution=shards.resolution), handler=counter.handler),
+        _EpochStream(shards, ShardSamples(shards, counter, stall_timeout_s), seed, rank, world, start_epoch,
+                     shuffle_buffer),
+        wds.map(partial(_decode_train, resolution=shards.resolution), handler=counter.handler),
     ]
     if view_transform is not None:
         stages.append(wds.map(_ViewStage(view_transform, views), handler=counter.handler))

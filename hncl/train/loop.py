@@ -3,7 +3,8 @@
 Per step: a batch of two views + stored heatmaps from the shard stream -> descriptors on the
 device -> the method's training step (hncl/methods) -> the engine's step (DDP or DeepSpeed:
 hncl/train/engine.py) -> metrics. Every rank runs exactly `steps_per_epoch` steps per epoch (the
-stream is resampled and endless), so collectives never wait on a rank that ran out of data.
+stream of its share of each data epoch is endless), so collectives never wait on a rank that ran
+out of data.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -67,6 +69,8 @@ class Trainer:
         self.skipped: Dict[str, int] = {}  # lost samples by reason (this rank)
         self.skipped_where: Dict[str, list] = {}  # ... and which shards / samples
         self.samples_seen = 0
+        # run.record_sample_ids: (sample id, data epoch) of every sample this rank trains on
+        self.sample_ids: Optional[List[Tuple[int, int]]] = [] if cfg.run.record_sample_ids else None
 
     def save_checkpoint(self, metrics: Dict[str, float]) -> None:
         skipped = [self.skipped]  # the run's lost samples by reason, summed over ranks
@@ -111,6 +115,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
+        self._first_step = self.step
         if self.rank == 0:
             print(f"[hncl] run directory: {self.run_dir} ({'resumed at step ' + str(self.step) if resumed else 'new'}); "
                   f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps "
@@ -121,8 +126,10 @@ class Trainer:
         if on_device:
             self.batch_views = BatchViews(d.image_size, **recipe)
         views = None if on_device else view_transform(d.image_size, **recipe)
-        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed + 1000 * self.step,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views,
+        # this rank's share of every data epoch; a resumed run starts over the epoch it stopped in
+        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views, rank=self.rank,
+                                  world=self.world, start_epoch=self.step // self.steps_per_epoch,
                                   stall_timeout_s=cfg.data.stall_timeout_s)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers, timeout_s=cfg.data.stall_timeout_s + 60))
         try:
@@ -130,6 +137,11 @@ class Trainer:
         except BaseException:
             self.engine.abort()  # no temporary files left behind
             raise
+        if self.sample_ids is not None:
+            storage.write_json(storage.join(self.run_dir, f"sample_ids_rank{self.rank}.json"),
+                               {"rank": self.rank, "world_size": self.world,
+                                "node_ip": _node_ip(), "first_step": self._first_step,
+                                "ids": [i for i, _ in self.sample_ids], "epochs": [e for _, e in self.sample_ids]})
         if self.rank == 0:
             self.export_encoder()
             print(f"[hncl] finished {self.step} steps; run directory: {self.run_dir}", flush=True)
@@ -143,6 +155,8 @@ class Trainer:
         while self.step < self.total_steps:
             batch = next(batches)
             add_skipped(self.skipped, batch, self.skipped_where)
+            if self.sample_ids is not None:
+                self.sample_ids.extend(zip(batch["id"].tolist(), batch["epoch"].tolist()))
             metrics = self._step(batch)
             self.step += 1
             self.samples_seen += len(batch["id"]) * self.world
@@ -203,6 +217,12 @@ class Trainer:
                 "image_size": self.cfg.data.image_size, "step": self.step, "shards": self.cfg.data.train_shards,
                 "method": self.method.name, "normalize": {"mean": list(MEAN), "std": list(STD)}}
         storage.write_bytes(storage.join(self.run_dir, "encoder.json"), json.dumps(info, indent=1).encode())
+
+
+def _node_ip() -> Optional[str]:
+    """The Ray node this worker runs on (None outside Ray; debug mode never imports Ray)."""
+    ray = sys.modules.get("ray")
+    return ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else None
 
 
 @contextlib.contextmanager
