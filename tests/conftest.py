@@ -77,6 +77,11 @@ def s3_endpoint():
     server.stop()
 
 
+def moto_env(endpoint: str) -> dict:
+    """The standard AWS variables for the moto endpoint."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL_S3": endpoint}
+
+
 @pytest.fixture
 def s3(s3_endpoint, monkeypatch):
     """An s3fs filesystem on the moto endpoint with a fresh bucket; yields (fs, bucket). The
@@ -86,9 +91,8 @@ def s3(s3_endpoint, monkeypatch):
 
     import s3fs
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    for k, v in moto_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint,
                            use_listings_cache=False)
     bucket = f"test-{uuid.uuid4().hex[:12]}"

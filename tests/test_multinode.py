@@ -32,11 +32,22 @@ def two_nodes(s3_endpoint):
     if unshare_argv() is None:
         pytest.skip("node 2 needs a mount namespace of its own: `unshare -m` (root) or unprivileged user "
                     "namespaces (`unshare -r -m`)")
-    cluster = TwoNodeCluster().start()
+    from conftest import moto_env
+
+    cluster = TwoNodeCluster(extra_env=moto_env(s3_endpoint)).start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _moto_env(s3_endpoint, monkeypatch):
+    """The drivers started by these tests, and this process, talk to moto."""
+    from conftest import moto_env
+
+    for k, v in moto_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture
