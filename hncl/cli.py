@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR/summary.md with mean +- std (a run whose report exists is kept)")
     p.add_argument("--quick", action="store_true", help="smaller and shorter (about 3 minutes)")
     p.add_argument("--debug", action="store_true", help="one process, no Ray")
-    p.add_argument("--steps", type=int, help="pretraining steps per method (default 150, quick 25)")
+    p.add_argument("--steps", type=int, help="pretraining steps per method (default 300, quick 25)")
     p.add_argument("--identities", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="identities per split")
     p.set_defaults(func=_cmd_demo)
 

@@ -34,7 +34,7 @@ METHODS = {  # demo name -> method settings (everything else is shared: configs/
 }
 RANDOM = "random-init"  # the probe on an encoder nobody trained: the floor
 SIZES = {  # (train identities, test identities, faces per identity, pretraining steps)
-    "default": (200, 60, 14, 150),
+    "default": (200, 60, 14, 300),  # 300 steps: validation identities, benchmarks/demo_ablation.py (README)
     "quick": (40, 20, 14, 25),
 }
 
