@@ -129,6 +129,15 @@ def all_gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return _GatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
 
 
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (no gradient); returns a new tensor."""
     x = x.detach().clone()

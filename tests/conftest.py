@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
-import time
 from typing import Any, Callable, List
 
 import numpy as np
@@ -105,32 +103,11 @@ def s3(s3_endpoint, monkeypatch):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _processes_using(marker: str) -> List[int]:
-    """PIDs whose command line mentions `marker` (a Ray temp dir: every process of that cluster)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        pids.append(int(pid))
-            except OSError:
-                pass
-    return pids
-
-
 def stop_ray_cluster(temp_dir: str) -> None:
-    """Stop the Ray cluster whose processes run under `temp_dir`, and nothing else."""
-    for _ in range(50):
-        pids = _processes_using(temp_dir)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+    """Stop the Ray cluster whose processes run under `temp_dir` (and their children), nothing else."""
+    from multinode import kill_processes
+
+    kill_processes(None, temp_dir)
 
 
 def ray_node_ports() -> List[str]:

@@ -187,8 +187,12 @@ def test_supervised_positives_are_the_label_mates_of_the_global_batch():
     z1, p1, z2, p2 = model(x, x.flip(-1))
     pos = torch.tensor([[0, 2], [1, 4], [0, 2], [3, -1], [1, 4]])  # itself (the other view) + same label
     want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU) + multi_positive_nce(z2, p1, pos, TAU)).mean()
-    assert abs(loss.item() - want.item()) < 1e-12 and m["loss_supervised"] == pytest.approx(want.item(), abs=1e-12)
-    assert torch.equal(positives_term(z1, z2, Predictions.gather(p1, p2), pos, TAU), loss)
+    view = view_term(z1, z2, Predictions.gather(p1, p2), TAU)
+    assert m["loss_supervised"] == pytest.approx(want.item(), abs=1e-12)
+    assert m["loss_view"] == pytest.approx(view.item(), abs=1e-12)
+    # the two-view term plus the label-mates term (SupCon alone did not learn in the demo's budget)
+    assert abs(loss.item() - (view + want).item()) < 1e-12
+    assert torch.equal(view + positives_term(z1, z2, Predictions.gather(p1, p2), pos, TAU), loss)
 
 
 def test_registry_builds_every_method_by_name_and_old_settings_say_what_to_write():

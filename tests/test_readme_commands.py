@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from hncl.data.synthetic import EXPRESSIONS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 # appended to a command (size flags only): the quick demo as written takes ~3 minutes
@@ -97,7 +99,9 @@ def check_export(cwd, out, cmd):
 
 def check_demo(cwd, out, cmd):
     report = json.load(open(os.path.join(cwd, "demo_out", "report.json")))
-    assert set(report) == {"hncl", "baseline", "nnclr", "_run"}
+    assert set(report) == {"hncl", "baseline", "nnclr", "random-init", "_run"}
+    for row in ("hncl", "baseline", "nnclr", "random-init"):  # every row with the per-class accuracies
+        assert set(report[row]["per_class_acc"]) == set(EXPRESSIONS)
     assert "private local Ray instance" in out and "Failed to query Ray Train Controller" not in out
 
 

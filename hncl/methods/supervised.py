@@ -4,7 +4,10 @@ deliver without labels: HNCL's in-batch term with perfect neighbours.
 
     P_i  = {j in the global batch : label_j = label_i} (i's own other view included; unlabelled
            faces: only their other view)
-    loss = 1/2 [NCE(z1, p2[P]) + NCE(z2, p1[P])]
+    loss = view term (as SimCLR) + 1/2 [NCE(z1, p2[P]) + NCE(z2, p1[P])]
+
+The view term stays because SupCon's term alone did not learn in the demo's 150-step budget
+(validation linear probe 0.200, below a random-init encoder's 0.336; with the view term 0.504).
 
 Example (one process)::
 

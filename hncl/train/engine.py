@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -255,11 +254,7 @@ class Engine:
     def _record_resume(self, state: dict, method) -> None:
         """Append to resumes.jsonl which step the run came back from and a digest of every rank's
         restored method state (compare with hncl.queue.state_digest of the checkpoint's files)."""
-        digest = method.digest() if method is not None else None
-        digests = [digest]
-        if hdist.is_distributed():
-            digests = [None] * self.world
-            dist.all_gather_object(digests, digest)
+        digests = hdist.gather_objects(method.digest() if method is not None else None)
         if self.rank == 0:
             url = storage.join(self.run_dir, "resumes.jsonl")
             old = storage.read_bytes(url).decode() if storage.exists(url) else ""

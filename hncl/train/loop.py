@@ -73,12 +73,8 @@ class Trainer:
         self.sample_ids: Optional[List[Tuple[int, int]]] = [] if cfg.run.record_sample_ids else None
 
     def save_checkpoint(self, metrics: Dict[str, float]) -> None:
-        skipped = [self.skipped]  # the run's lost samples by reason, summed over ranks
-        if hdist.is_distributed():
-            skipped = [None] * self.world
-            dist.all_gather_object(skipped, self.skipped)
-        total: Dict[str, int] = {}
-        for counts in skipped:
+        total: Dict[str, int] = {}  # the run's lost samples by reason, summed over ranks
+        for counts in hdist.gather_objects(self.skipped):
             for reason, n in counts.items():
                 total[reason] = total.get(reason, 0) + n
         self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total},
@@ -189,12 +185,8 @@ class Trainer:
         expected = self.samples_seen + skipped
         if skipped <= self.cfg.data.max_skip_fraction * max(1, expected):
             return
-        places = [self.skipped_where]
-        if hdist.is_distributed():
-            places = [None] * self.world
-            dist.all_gather_object(places, self.skipped_where)
         where: Dict[str, list] = {}
-        for rank_places in places:
+        for rank_places in hdist.gather_objects(self.skipped_where):
             for reason, names in rank_places.items():
                 where.setdefault(reason, [])
                 where[reason] += [n for n in names if n not in where[reason]]
