@@ -109,6 +109,13 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except BaseException:
+            self.engine.abort()  # no temporary files left behind (a restore that failed included)
+            raise
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         resumed = self.restore()
         self._first_step = self.step
@@ -128,11 +135,7 @@ class Trainer:
                                   world=self.world, start_epoch=self.step // self.steps_per_epoch,
                                   stall_timeout_s=cfg.data.stall_timeout_s)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers, timeout_s=cfg.data.stall_timeout_s + 60))
-        try:
-            metrics = self._run(cfg, batches)
-        except BaseException:
-            self.engine.abort()  # no temporary files left behind
-            raise
+        metrics = self._run(cfg, batches)
         if self.sample_ids is not None:
             storage.write_json(storage.join(self.run_dir, f"sample_ids_rank{self.rank}.json"),
                                {"rank": self.rank, "world_size": self.world,
