@@ -169,12 +169,12 @@ def summarise(runs: Dict[int, Dict]) -> Dict:
     for name in names:
         for key in ("linear_acc", "knn_acc"):
             values = [runs[s][name][key] for s in seeds]
-            stats.setdefault(name, {})[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                                               "values": values}
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0  # the sample std over seeds
+            stats.setdefault(name, {})[key] = {"mean": float(np.mean(values)), "std": std, "values": values}
     ahead = sum(all(runs[s]["hncl"]["linear_acc"] > runs[s][m]["linear_acc"] for m in ("baseline", "nnclr"))
                 for s in seeds)
     margin = stats["hncl"]["linear_acc"]["mean"] - max(stats[m]["linear_acc"]["mean"] for m in ("baseline", "nnclr"))
-    lines = [f"Demo over seeds {', '.join(map(str, seeds))}: mean +- std (per-seed values in order)", "",
+    lines = [f"Demo over seeds {', '.join(map(str, seeds))}: mean +- sample std (per-seed values in order)", "",
              "| method | linear-probe acc | kNN acc |", "|---|---|---|"]
     for name in names:
         cells = [f"{st['mean']:.3f} +- {st['std']:.3f} ({', '.join(f'{v:.3f}' for v in st['values'])})"

@@ -42,7 +42,7 @@ def test_demo_tiny_end_to_end_over_two_seeds(tmp_path, capsys):
     for name in ("hncl", "baseline", "nnclr", RANDOM):
         values = [reports[s][name]["linear_acc"] for s in (0, 1)]
         st = summary["stats"][name]["linear_acc"]
-        assert st["values"] == values and abs(st["mean"] - np.mean(values)) < 1e-12 and abs(st["std"] - np.std(values)) < 1e-12
+        assert st["values"] == values and abs(st["mean"] - np.mean(values)) < 1e-12 and abs(st["std"] - np.std(values, ddof=1)) < 1e-12
     ahead = sum(reports[s]["hncl"]["linear_acc"] > max(reports[s][m]["linear_acc"] for m in ("baseline", "nnclr"))
                 for s in (0, 1))
     assert summary["hncl_ahead"] == ahead and f"in {ahead} of 2 runs" in (out / "summary.md").read_text()

@@ -103,6 +103,7 @@ def check_demo(cwd, out, cmd):
     for row in ("hncl", "baseline", "nnclr", "random-init"):  # every row with the per-class accuracies
         assert set(report[row]["per_class_acc"]) == set(EXPRESSIONS)
     assert "private local Ray instance" in out and "Failed to query Ray Train Controller" not in out
+    assert "Reporting training result" not in out and "[hncl] step" in out  # our progress lines, not Ray's
 
 
 COMMANDS = [  # (how the README line starts, what it must leave behind)

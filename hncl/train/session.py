@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -69,12 +70,23 @@ class Session(abc.ABC):
             dist.barrier()
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (the whole metrics dict) at INFO under a logger named by its
+    module's file; our own progress line already says the same, once."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its noise stays, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RaySession(Session):
     def __init__(self, run_dir: str):
         super().__init__(run_dir)
         import ray.train
 
         self._train = ray.train
+        _quiet_ray_train_reports()
 
     def restore_dir(self) -> Optional[str]:
         ckpt = self._train.get_checkpoint()
