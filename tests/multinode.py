@@ -6,13 +6,15 @@ Ray Train (node_rank 0 and 1). Each node gets its own --temp-dir, its own free p
 service (raylet and GCS listen on all interfaces, and Ray's fixed default ports belong to
 whichever Ray on the machine started first), one CPU and a small object store.
 
-Node 2 runs in a mount namespace of its own (`unshare -m`), which makes it a different machine in
-two controlled ways:
+Node 2 runs in a mount namespace of its own (`unshare -m`) where the kernel allows one (root, or
+unprivileged user namespaces), which makes it a different machine in two controlled ways:
 - `private/` (under the cluster's folder) is a tmpfs of its own there: a disk the head does not
   share. Everything else on the machine is shared, as a cluster's shared filesystem would be.
 - its /etc/hosts maps this machine's host name to 127.0.0.9, where nothing listens: an S3
   endpoint addressed by host name (http://HOSTNAME:PORT) is reachable from the head and not
   from node 2.
+Without a namespace (`isolated` False) node 2 shares every disk and name with the head: only the
+tests of those two cases cannot run.
 
 Never `ray stop` here (it stops every Ray on the machine): `stop()` and `kill_node2()` SIGKILL
 exactly this cluster's processes (their process groups, the processes whose command line names
@@ -145,9 +147,7 @@ class TwoNodeCluster:
         self.node_env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
         self.pgids: Dict[str, int] = {}
         self.unshare = unshare_argv()
-        if self.unshare is None:
-            raise RuntimeError("node 2 needs a mount namespace of its own: `unshare -m` (root) or unprivileged "
-                               "user namespaces (`unshare -r -m`)")
+        self.isolated = self.unshare is not None  # node 2 has a disk and host names of its own
         self._write_hosts()
 
     def _write_hosts(self) -> None:
@@ -176,11 +176,13 @@ class TwoNodeCluster:
             "--disable-usage-stats", f"--temp-dir={self.temp_dir('head')}", *node_port_flags()])
 
     def start_node2(self) -> None:
-        """Node 2 in its own mount namespace: a private tmpfs over `private/`, its own /etc/hosts."""
+        """Node 2, in its own mount namespace where possible: a private tmpfs over `private/`, its
+        own /etc/hosts."""
         setup = 'mount -t tmpfs tmpfs "$HNCL_PRIVATE" && mount --bind "$HNCL_HOSTS" /etc/hosts && exec "$0" "$@"'
         self.node_env.update(HNCL_PRIVATE=self.private, HNCL_HOSTS=self.hosts_file)
+        isolate = [*self.unshare, "sh", "-c", setup] if self.isolated else []
         self._start("node2", [
-            *self.unshare, "sh", "-c", setup,
+            *isolate,
             self.ray, "start", f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=1",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
             f"--temp-dir={self.temp_dir('node2')}", *node_port_flags()])
