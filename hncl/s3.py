@@ -11,6 +11,7 @@ import logging
 import time
 
 import s3fs
+from botocore.handlers import add_expect_header
 
 from hncl.storage import is_transient, setting
 
@@ -22,6 +23,15 @@ class ResilientS3FileSystem(s3fs.S3FileSystem):
     backoff until HNCL_S3_DEADLINE, each attempt bounded by what is left of it."""
 
     retries = 2  # s3fs's own quick retries inside each attempt (cut bodies, a dropped connection)
+
+    async def set_session(self, refresh=False, kwargs={}):
+        client = await super().set_session(refresh, kwargs)
+        # botocore asks for "Expect: 100-continue" on uploads, and aiohttp waits for that answer
+        # with no timeout (its read timeout starts once the body is sent): an endpoint that stops
+        # answering would hold the upload for the whole deadline instead of failing within
+        # HNCL_S3_READ_TIMEOUT and being retried. Without it the body goes out at once.
+        client.meta.events.unregister("before-call.s3", add_expect_header)
+        return client
 
     async def _call_s3(self, method, *akwarglist, **kwargs):
         budget = setting("HNCL_S3_DEADLINE")

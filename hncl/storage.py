@@ -12,7 +12,8 @@ Either way the error is one line naming what failed (connect, auth, missing buck
 which URL, and what to do. Settings, from the environment (so that make-shards, training
 workers and Ray's own checkpoint uploads share them):
     HNCL_S3_CONNECT_TIMEOUT   seconds to establish a connection (default 10)
-    HNCL_S3_READ_TIMEOUT      seconds a response may stall (default 60)
+    HNCL_S3_READ_TIMEOUT      seconds a response may stall (default 60; s3fs tries a request twice
+                              before hncl's own retry, so an attempt stalls at most twice this)
     HNCL_S3_DEADLINE          seconds transient failures are retried, per call (default 120)
 """
 
@@ -159,7 +160,7 @@ def s3_filesystem():
     options = {k: os.environ[v] for k, v in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
                                              ("endpoint_url", "AWS_ENDPOINT_URL_S3")) if os.environ.get(v)}
     config = {"connect_timeout": setting("HNCL_S3_CONNECT_TIMEOUT"), "read_timeout": setting("HNCL_S3_READ_TIMEOUT"),
-              "retries": {"max_attempts": 1}}  # hncl retries, with a deadline, in _call_s3
+              "retries": {"total_max_attempts": 1}}  # one try per request: hncl retries, with a deadline, in _call_s3
     return ResilientS3FileSystem(use_listings_cache=False, config_kwargs=config, **options)
 
 

@@ -2,7 +2,8 @@
 
     proxy = FaultProxy("127.0.0.1", moto_port)        # listens on 127.0.0.1:proxy.port
     proxy.mode = "refuse"      # connections refused (nothing listens on the port)
-    proxy.mode = "blackhole"   # connections accepted, requests read, nothing ever answered
+    proxy.mode = "blackhole"   # requests read, never answered: every connection open meanwhile
+                               # stays silent for good (half-open), new ones after it work
     proxy.mode = "latency"     # every chunk of the answer delayed by proxy.delay seconds
     proxy.mode = "cut"         # answers cut off after proxy.cut_after bytes, then the socket closed
     proxy.mode = "pass"        # a plain proxy again
@@ -75,15 +76,17 @@ class FaultProxy:
     def _drop_all(self) -> None:
         with self._lock:
             socks, self._open = self._open, []
-        for s in socks:
+        for s in socks:  # shutdown first: close() alone does not wake a thread blocked in recv()
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
 
     def _serve(self, client: socket.socket) -> None:
         if self.mode == "blackhole":
-            self._track(client)  # read and never answer, until the outage ends
+            self._track(client)  # read and never answer: a dead connection, until the proxy closes
             client.settimeout(0.2)
-            while self.mode == "blackhole" and not self._stop.is_set():
+            while not self._stop.is_set():
                 with contextlib.suppress(socket.timeout, OSError):
                     if client.recv(65536) == b"":
                         break
@@ -100,12 +103,15 @@ class FaultProxy:
         self._pump(upstream, client, True)
 
     def _pump(self, src: socket.socket, dst: socket.socket, answer: bool) -> None:
-        sent = 0
+        sent, dead = 0, False
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if answer and (dead or self.mode == "blackhole"):
+                    dead = True  # answers lost on the way, from now on
+                    continue
                 if answer and self.mode == "latency":
                     time.sleep(self.delay)
                 if answer and self.mode == "cut":

@@ -75,6 +75,32 @@ def test_make_shards_survives_an_upload_outage_and_leaves_no_temp_files(faulty_s
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_an_upload_and_a_read_whose_answers_go_silent_are_retried_after_the_read_timeout(faulty_s3, tmp_path,
+                                                                                           caplog):
+    """Answers lost for 7 s (a black hole: requests arrive, nothing comes back) while an upload and
+    a read are under way: each request gives up after HNCL_S3_READ_TIMEOUT=3 (s3fs tries twice per
+    attempt) and is retried, and both succeed within HNCL_S3_DEADLINE=20. (botocore's "Expect: 100-continue" made aiohttp
+    wait for an answer with no timeout: an upload hung for the whole deadline, then failed.)"""
+    proxy, bucket = faulty_s3
+    payload = os.urandom(300_000)
+    storage.write_bytes(f"s3://{bucket}/warm", b"x")  # a pooled connection that will go silent
+    local = tmp_path / "payload.bin"
+    local.write_bytes(payload)
+    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+        with proxy.outage(7, "blackhole"):
+            time.sleep(0.1)
+            storage.put_file(str(local), f"s3://{bucket}/silent/upload.bin")
+        uploaded = [r.getMessage() for r in caplog.records if "put_object" in r.getMessage()]
+        with proxy.outage(7, "blackhole"):
+            time.sleep(0.1)
+            assert storage.read_bytes(f"s3://{bucket}/silent/upload.bin") == payload
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert uploaded and all("Read timeout" in m for m in uploaded)  # the upload timed out, then went through
+    assert len(retried) > len(uploaded)  # ... and so did the read
+    assert not local.exists() and leftovers(tmp_path) == []
+
+
 def _debug_run(shards, out, name, **extra):
     from hncl.train.launch import pretrain_local
 
