@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from hncl import tempfiles
 from hncl.config import load_config, to_yaml
 from hncl.errors import one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    tempfiles.sweep_orphans_once()
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # what the user can fix is one line; anything else is a bug: traceback

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from hncl import dist as hdist
-from hncl import storage
+from hncl import storage, tempfiles
 from hncl.classifier import FERClassifier, build_classifier, load_classifier, preprocess, save_classifier
 from hncl.config import ConfigError, run_dir, value
 from hncl.data.augment import MEAN, STD
@@ -237,7 +236,7 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
     ft = cfg.finetune
     classes = list(CLASSES[:ft.num_classes])
     remote = storage.is_remote(folder)
-    local = tempfile.mkdtemp(prefix="hncl-report-") if remote else folder
+    local = tempfiles.mkdtemp("report") if remote else folder
     os.makedirs(local, exist_ok=True)
     size = cfg.data.image_size
     te_pred = predict_set(model, test_set, size, device, cfg.data.loader_workers)

@@ -26,12 +26,12 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 from typing import Any, Iterator, List, Optional, Tuple
 
 import fsspec
 
+from hncl import tempfiles
 from hncl.errors import InputError, UserError
 
 TMP_MARK = ".tmp-"
@@ -270,7 +270,7 @@ def upload_dir(local: str, url: str, keep: bool = False) -> None:
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    fd, local = tempfile.mkstemp(prefix="hncl-", suffix=".part")
+    fd, local = tempfiles.mkstemp("upload", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

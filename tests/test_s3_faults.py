@@ -184,6 +184,44 @@ def test_a_quarter_of_the_shards_missing_stops_the_run_naming_them(faulty_s3, tm
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_a_run_killed_from_outside_resumes_and_its_temp_files_are_swept(faulty_s3, tmp_path):
+    """SIGKILL in the middle of an S3 run: what it had in the temp folder (metrics staging, a
+    checkpoint being written) stays behind, as it must; rerunning the command resumes from the
+    last complete checkpoint, trains every step exactly once, and leaves the temp folder empty."""
+    proxy, bucket = faulty_s3
+    shards = f"s3://{bucket}/sets/killed"
+    synthetic(shards, n=96, shard_size=12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(TMPDIR=str(tmp_path / "tmp"))
+    run = f"s3://{bucket}/runs/killed"
+    args = [sys.executable, "-m", "hncl.cli", "pretrain", "--config", os.path.join(REPO, "configs", "debug.yaml"),
+            "--debug", f"data.train_shards={shards}", f"run.output_dir=s3://{bucket}/runs", "run.name=killed",
+            "optim.epochs=1", "data.steps_per_epoch=40", "data.batch_size=16", "data.loader_workers=0",
+            "run.log_every=1", "run.checkpoint_every=4", "model.width=8", "data.image_size=32",
+            "method.queue_size=128", "data.shuffle_buffer=20"]
+    first = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not storage.exists(f"{run}/checkpoint_00000008/_COMPLETE") and first.poll() is None:
+            assert time.time() < deadline, "the first run made no second checkpoint in 240 s"
+            time.sleep(0.2)
+        assert first.poll() is None, "the run ended before it could be killed"
+    finally:
+        first.kill()
+        first.wait()
+    left = leftovers(tmp_path)
+    assert any(p.startswith("hncl-metrics-") for p in left), left  # the kill did leave files behind
+
+    second = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    steps = [r["step"] for r in _metrics(f"{run}/metrics.jsonl")]
+    assert steps == list(range(1, 41))  # resumed: every step once, none lost, none twice
+    resumes = [json.loads(line) for line in storage.read_bytes(f"{run}/resumes.jsonl").decode().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 8
+    assert leftovers(tmp_path) == []
+
+
 def _cli(args, env, cwd, timeout=120):
     t = time.time()
     run = subprocess.run([sys.executable, "-m", "hncl.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,

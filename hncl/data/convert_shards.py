@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from hncl import __version__, storage
+from hncl import __version__, storage, tempfiles
 from hncl.data.make_shards import MakeShardsError, _clean_stale, _run_all
 from hncl.data.shard_format import FORMAT_V1, FORMAT_V2, check_format, decode_v2, encode_v2
 from hncl.data.shard_writer import add_member, open_tar
@@ -95,6 +95,7 @@ def _v2_member(key: str, parts: Dict[str, bytes], where: str) -> bytes:
 
 def convert_shard(job: ConvertJob, index: int, start: int, stop: int) -> dict:
     """Convert shard `index` of job.src and mark it done in job.out. Runs in any worker."""
+    tempfiles.sweep_orphans_once()
     entry = _source_manifest(job.src)["shards"][index]
     name = entry["name"]
     where = storage.join(job.src, name)
@@ -105,7 +106,8 @@ def convert_shard(job: ConvertJob, index: int, start: int, stop: int) -> dict:
     source_sidecar = _sidecar(job.src, name)
     stats = storage.read_json(source_sidecar) if storage.exists(source_sidecar) else {}
     ids, class_counts = [], {}
-    fd, path = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=None if storage.is_remote(job.out) else job.out)
+    fd, path = (tempfiles.mkstemp("shard", suffix=".part") if storage.is_remote(job.out)  # swept if killed
+                else tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=job.out))
     try:
         with os.fdopen(fd, "wb") as raw, open_tar(raw) as out:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hncl import __version__, storage
+from hncl import __version__, storage, tempfiles
 from hncl.data.shard_format import DEFAULT_VERSION, FORMAT_V1, FORMATS, check_format, decode_v2, sample_member
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
@@ -72,6 +72,7 @@ def _sidecar(job: ShardJob, name: str) -> str:
 
 def run_shard(job: ShardJob, index: int, start: int, stop: int) -> dict:
     """Build, move into place and mark done one shard. Runs in any worker."""
+    tempfiles.sweep_orphans_once()
     source, processor = _worker_state(job)
     tmp_dir = None if storage.is_remote(job.out) else job.out  # same filesystem: the rename is atomic
     with torch_threads(1):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hncl import tempfiles
 from hncl.data.shard_format import DEFAULT_VERSION, FORMATS, V2_SUFFIX, encode_v2
 from hncl.data.sources import CLASSES, Source, SourceError, SourceItem
 from hncl.heatmaps.align import apply_affine, similarity_to_template, warp
@@ -182,7 +183,8 @@ def build_shard(source: Source, processor: FaceProcessor, index: int, start: int
                 version: int = DEFAULT_VERSION) -> Tuple[str, ShardStats]:
     """Write rows [start, stop) to a local temporary tar in format `version`. Returns (temp path, stats)."""
     stats = ShardStats(shard_name(index), start, stop, format=FORMATS[version])
-    fd, path = tempfile.mkstemp(prefix=f"{shard_name(index)}.", suffix=".part", dir=tmp_dir)
+    fd, path = (tempfiles.mkstemp("shard", suffix=".part") if tmp_dir is None  # for upload: swept if killed
+                else tempfile.mkstemp(prefix=f"{shard_name(index)}.", suffix=".part", dir=tmp_dir))
     sha = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as raw:

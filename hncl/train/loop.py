@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from hncl import dist as hdist
-from hncl import storage
+from hncl import storage, tempfiles
 from hncl.config import Config, run_dir, validate, value
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
@@ -222,9 +222,7 @@ def _node_ip() -> Optional[str]:
 
 @contextlib.contextmanager
 def tempfile_path():
-    import tempfile
-
-    fd, path = tempfile.mkstemp(suffix=".safetensors")
+    fd, path = tempfiles.mkstemp("weights", suffix=".safetensors")
     os.close(fd)
     try:
         yield path
@@ -235,6 +233,7 @@ def tempfile_path():
 
 def train_loop_per_worker(config: dict) -> dict:
     """Entry point of every worker. config: {"cfg": resolved config dict, "session": "ray"|"local"}."""
+    tempfiles.sweep_orphans_once()
     cfg = typed_config(config["cfg"])
     folder = run_dir(cfg)
     session: Session = RaySession(folder) if config.get("session") == "ray" else \

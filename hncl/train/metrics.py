@@ -9,10 +9,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Dict, List
 
-from hncl import storage
+from hncl import storage, tempfiles
 
 _SHOWN = ("loss", "loss_view", "loss_nn", "nn_purity", "queue_fill", "lr", "images_per_s", "skipped")
 
@@ -26,7 +25,7 @@ class MetricsLog:
         if not enabled:
             return
         self.remote = storage.is_remote(run_dir)
-        self.local = tempfile.mkdtemp(prefix="hncl-metrics-") if self.remote else run_dir
+        self.local = tempfiles.mkdtemp("metrics") if self.remote else run_dir
         os.makedirs(self.local, exist_ok=True)
         url = storage.join(run_dir, "metrics.jsonl")
         if storage.exists(url):  # a resumed run continues its log

@@ -19,13 +19,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable, Dict, Iterator, Optional
 
 import torch.distributed as dist
 
 from hncl import dist as hdist
-from hncl import storage
+from hncl import storage, tempfiles
 
 COMPLETE = "_COMPLETE"
 _CKPT = re.compile(r"^checkpoint_(\d{8})$")
@@ -94,13 +93,13 @@ class RaySession(Session):
             return None
         # a folder of our own: ranks on one node must not share (and overwrite) a download that
         # another rank is reading
-        return ckpt.to_directory(tempfile.mkdtemp(prefix=f"hncl-restore-r{self.rank}-"))
+        return ckpt.to_directory(tempfiles.mkdtemp("restore"))
 
     def report_metrics(self, metrics: Dict[str, float]) -> None:
         self._train.report(metrics)
 
     def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
-        folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
+        folder = tempfiles.mkdtemp("ckpt")
         try:
             write(folder)
             self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(folder),
@@ -139,7 +138,7 @@ class LocalSession(Session):
         url = storage.join(self.run_dir, checkpoint_name(steps[-1]))
         if not storage.is_remote(url):
             return url
-        local = tempfile.mkdtemp(prefix="hncl-restore-")
+        local = tempfiles.mkdtemp("restore")
         try:
             storage.get_dir(url, local)
         except BaseException:
@@ -149,7 +148,7 @@ class LocalSession(Session):
 
     def save(self, step: int, write: Callable[[str], None], metrics: Dict[str, float]) -> None:
         url = storage.join(self.run_dir, checkpoint_name(step))
-        folder = tempfile.mkdtemp(prefix=f"hncl-ckpt-{step}-")
+        folder = tempfiles.mkdtemp("ckpt")
         try:
             write(folder)
             storage.upload_dir(folder, url)  # DeepSpeed's sub-folder per tag included
