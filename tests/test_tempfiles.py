@@ -52,11 +52,3 @@ def test_a_killed_process_leftovers_are_swept_and_nothing_in_use_is(tmp_path):
         alive.wait()
     assert sorted(tempfiles.sweep_orphans(str(tmp_path))) == sorted(alive_names)  # once it no longer runs
 
-
-def test_names_carry_host_and_process():
-    name = os.path.basename(tempfiles.mkdtemp("metrics"))
-    try:
-        assert name.startswith(f"hncl-metrics-{tempfiles._host()}-{os.getpid()}-")
-        assert tempfiles._NAME.match(name)
-    finally:
-        os.rmdir(os.path.join(tempfiles.tempfile.gettempdir(), name))
