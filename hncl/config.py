@@ -109,10 +109,14 @@ class DescriptorConfig:
 class DataConfig:
     train_shards: Optional[str] = None  # local dir or s3:// URL of a shard set
     image_size: int = 112
-    batch_size: int = 256  # per rank
+    batch_size: int = 256  # per rank, at the run's first start (then: data.global_batch_size / ranks)
     loader_workers: int = 4
     shuffle_buffer: int = 2000
-    steps_per_epoch: Optional[int] = None  # None: samples in the set / (global batch)
+    # the run's global batch, kept across resumes and split over the ranks there are (None: batch_size
+    # x the ranks of the run's first start); the lr is scaled with it
+    global_batch_size: Optional[int] = None
+    # the schedule's epoch (optim.epochs, warmup_epochs) in global batches; None: one pass over the set
+    steps_per_epoch: Optional[int] = None
     min_crop_scale: float = 0.6  # RandomResizedCrop lower bound: expressions must survive the crop
     colour: float = 0.4  # brightness/contrast jitter of the views (saturation 3/4 of it)
     hue: float = 0.0  # hue jitter of the views (0: off; 6x slower on CPU)
@@ -160,7 +164,6 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    reshard_queue: bool = False  # resuming on another world size: re-split the queue instead of failing
     fail_at_step: Optional[int] = None  # fault injection for tests: rank `fail_rank` dies once at this step
     fail_rank: int = 1
     # write run_dir/sample_ids_rank{r}.json at the end: the (sample id, data epoch) of every sample
@@ -245,6 +248,8 @@ def _reraise(e: OmegaConfBaseException, source: str) -> None:
 _RENAMED = {
     "method.nn_space": "method.nn_space was replaced by method.name: write method.name=hncl (for nn_space=heatmap), "
                        "method.name=nnclr (embedding) or method.name=simclr (none)",
+    "run.reshard_queue": "run.reshard_queue was removed: a resume on another world size re-splits the queue (and the "
+                         "stream, and a ZeRO optimiser) by itself; delete the setting",
     "method.view_weight": "method.view_weight was removed: method.name=hncl always trains on the two views, "
                           "method.name=nnclr never (exactly NNCLR); write method.name instead",
 }
@@ -362,6 +367,12 @@ def validate(cfg: DictConfig) -> None:
     _check(d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1")
     _check(cfg.data.image_size >= 16, "data.image_size", cfg.data.image_size, "must be >= 16")
     _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
+    _check(cfg.data.global_batch_size is None or cfg.data.global_batch_size >= 1, "data.global_batch_size",
+           cfg.data.global_batch_size, "must be >= 1 (or null: batch_size x ranks)")
+    _check(cfg.data.steps_per_epoch is None or cfg.data.steps_per_epoch >= 1, "data.steps_per_epoch",
+           cfg.data.steps_per_epoch, "must be >= 1 (or null: one pass over the set)")
+    _check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
+    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", cfg.data.shuffle_buffer, "must be >= 1")
     _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, "must be >= 0")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     _check(cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, "must be >= 1")

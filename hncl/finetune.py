@@ -164,6 +164,7 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
     engine = Engine(cfg, model, opt, sched, device, strategy="ddp")  # DDP over the ranks, if several
     pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                              loader_workers=cfg.data.loader_workers,
                               view_transform=fer_augment(cfg.data.image_size), views=1, rank=rank, world=world)
     batches = iterate_forever(loader(pipeline, cfg.data.loader_workers))
     history = []

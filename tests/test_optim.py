@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hncl.config import load_config
-from hncl.train.optim import build_optimizer, param_groups, warmup_cosine
+from hncl.train.optim import SampleSchedule, build_optimizer, param_groups
 
 
 def _model():
@@ -42,14 +42,15 @@ def test_optimizers_scale_lr_and_skip_decay_on_norms_and_biases(name):
     assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == len(list(model.parameters()))
 
 
-def test_warmup_then_cosine_to_zero():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = warmup_cosine(opt, warmup_steps=4, total_steps=12)
-    lrs = []
-    for _ in range(12):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+def test_warmup_then_cosine_to_zero_in_samples_whatever_the_batch_did():
+    sched = SampleSchedule(total_samples=12 * 64, warmup_samples=4 * 64)
+    lrs = [sched.factor(step * 64, 64) for step in range(12)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert sched.factor(12 * 64, 64) == pytest.approx(0.0, abs=1e-12)
+    # a run whose global batch halved after 6 steps (a resume on half the ranks, per-rank batch
+    # kept) has the same lr at every sample count from then on
+    samples = 6 * 64
+    while samples < 12 * 64:
+        assert sched.factor(samples, 32) == pytest.approx(0.5 * (1 + math.cos(math.pi * (samples / 64 - 4) / 8)))
+        samples += 32

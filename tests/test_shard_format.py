@@ -131,9 +131,8 @@ def test_training_stream_for_a_seed_is_identical_in_v1_and_v2(sets):
     """What the demo trains on: resampled shards, shuffle buffer, two augmented views per face,
     two loader workers. The same seed gives the same batches from either format."""
     def stream(version):
-        torch.manual_seed(0)  # the loader workers' seeds derive from it
         pipe = train_pipeline(ShardSet.open(str(sets / version)), batch_size=16, seed=3, shuffle_buffer=50,
-                              view_transform=view_transform(32))
+                              view_transform=view_transform(32), loader_workers=2)
         it = iter(loader(pipe, num_workers=2))
         return [next(it) for _ in range(10)]  # 160 samples of a 120-sample set: resampled
 

@@ -64,7 +64,8 @@ def test_round_trip_every_sample_once_with_label_id_and_heatmap(serial_set):
 
 
 def test_training_stream_is_endless_fixed_size_and_shuffled(serial_set):
-    it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=16, seed=1), num_workers=2))
+    it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=16, seed=1, loader_workers=2),
+                     num_workers=2))
     batches = [next(it) for _ in range(12)]  # 192 samples from a 120-sample set: resampled
     assert all(b["id"].shape == (16,) for b in batches)
     assert len(set(torch.cat([b["id"] for b in batches]).tolist())) > 60
@@ -138,7 +139,8 @@ def test_batch_views_match_the_per_image_recipe_in_shape_and_statistics():
 def test_training_stream_is_reproducible_for_a_seed(serial_set):
     def ids(seed):
         torch.manual_seed(0)  # the loader workers' seeds derive from the process's torch seed
-        it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=8, seed=seed), num_workers=2))
+        it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=8, seed=seed, loader_workers=2),
+                         num_workers=2))
         return torch.cat([next(it)["id"] for _ in range(6)]).tolist()
 
     assert ids(5) == ids(5)
@@ -153,7 +155,7 @@ def test_training_stream_reads_each_sample_of_an_epoch_on_exactly_one_rank_and_w
     ids = {}  # (rank, worker-order position) -> [(id, epoch)]
     for rank in range(world):
         it = iter(loader(train_pipeline(ShardSet.open(str(serial_set)), batch_size=8, seed=1, rank=rank,
-                                        world=world, shuffle_buffer=20), num_workers=workers))
+                                        world=world, shuffle_buffer=20, loader_workers=workers), num_workers=workers))
         for n in range(24):  # the DataLoader takes batches from its workers in turn
             b = next(it)
             ids.setdefault((rank, n % workers), []).extend(zip(b["id"].tolist(), b["epoch"].tolist()))

@@ -24,12 +24,12 @@ arrived for `stall_timeout_s` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
 import json
 import logging
-import random
 import tarfile
 import threading
 import time
@@ -48,6 +48,7 @@ except ImportError:  # optional speed-up; PIL decodes everything
     simplejpeg = None
 
 from hncl import storage
+from hncl.data.epoch_plan import EpochPlan, StreamState
 from hncl.data.shard_format import V2_SUFFIX, CorruptSample, check_format, decode_v2
 from hncl.errors import InputError, UserError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
@@ -133,6 +134,7 @@ class ShardSamples:
         self.stall_timeout_s = stall_timeout_s
         self._last_delivery: Optional[float] = None  # this reader's last delivered sample
         self._failing: set = set()  # shards that failed in a row without delivering a sample
+        self.last_failure: Optional[str] = None  # the last shard that delivered nothing, and why
 
     def _samples(self, url: str) -> Iterator[dict]:
         stream = storage.open_stream(url) if storage.is_remote(url) else open(url, "rb")
@@ -163,31 +165,43 @@ class ShardSamples:
                 time.sleep(delay)
                 delay = min(2 * delay, 8.0)
 
-    def read(self, url: str, part: int = 0, parts: int = 1) -> Iterator[dict]:
-        """One shard's samples (every `parts`-th from `part`: a reader's share of a shard split
-        between readers), what it fails to deliver of its share counted as lost."""
+    def read(self, url: str, wanted: Optional[np.ndarray] = None) -> Iterator[dict]:
+        """One shard's samples, or those at the sorted indices `wanted` (a reader's share of the
+        shard: the members before and between them are skipped, not decoded, and reading stops
+        after the last). Each sample carries its index in the shard (`__index__`); what the shard
+        fails to deliver of the share is counted as lost."""
         if self._last_delivery is None:
             self._last_delivery = time.monotonic()
-        progress, error = [0], None
+        total = self.expected.get(url, 0) if wanted is None else len(wanted)
+        last = None if wanted is None else (int(wanted[-1]) if len(wanted) else -1)
+        keep = None if wanted is None else set(int(j) for j in wanted)
+        progress, error, delivered = [0], None, 0
         try:
-            for i, sample in enumerate(self._read(url, progress)):
-                if i % parts == part:
+            for j, sample in enumerate(self._read(url, progress)):
+                if last is not None and j > last:
+                    break
+                if keep is None or j in keep:
                     self._last_delivery = time.monotonic()
+                    delivered += 1
+                    sample["__index__"] = j
                     yield sample
+                if last is not None and j == last:
+                    break
         except Exception as e:  # every failure is counted, named, and the stream goes on
             error = storage.explain(e, url, "reading") or e
-        total = self.expected.get(url, progress[0])
-        lost = len(range(part, total, parts)) - len(range(part, progress[0], parts))
+        lost = total - delivered
         if error is None and lost <= 0:
             self._failing.clear()
             return
         reason = _reason(error) if error is not None else "truncated or unreadable shard"
         name = url.rsplit("/", 1)[-1]
         self.counter.lost(reason, name, max(lost, 0))
-        log.warning("%s: %s lost %d of %d samples (%s)", reason, url, max(lost, 0), len(range(part, total, parts)),
+        log.warning("%s: %s lost %d of %d samples (%s)", reason, url, max(lost, 0), total,
                     str(error)[:300] if error is not None else "the shard ended early")
-        if progress[0] == 0:
+        if delivered == 0:
             self._failing.add(url)
+            self.last_failure = f"{reason} on {name}: " + \
+                (str(error) if error is not None else "ended early").splitlines()[0][:300]
         stalled = time.monotonic() - self._last_delivery
         if len(self._failing) >= len(self.expected) or stalled > self.stall_timeout_s:
             what = (f"none of the {len(self.expected)} shards could be read" if len(self._failing) >= len(self.expected)
@@ -288,7 +302,8 @@ def _collate(counter: SkipCounter):
                 "landmarks": torch.stack([s["landmarks"] for s in samples]),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                 "id": torch.tensor([s["id"] for s in samples], dtype=torch.int64),
-                **({"epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.int64)}
+                **({"epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.int64),
+                    "stream": samples[-1]["stream"]}  # where the batch's reader is after it
                    if "epoch" in samples[0] else {}),
                 "skipped": counter.take(), "skipped_where": counter.take_where()}
     return collate
@@ -336,6 +351,11 @@ class ShardSet:
         return int(self.manifest["num_samples"])
 
     @property
+    def counts(self) -> List[int]:
+        """Samples per shard, in the order of `urls`."""
+        return [int(s["num_samples"]) for s in self.manifest["shards"] if s["num_samples"] > 0]
+
+    @property
     def sample_counts(self) -> Dict[str, int]:
         """URL -> samples the manifest says the shard holds (what a failed shard loses)."""
         return {storage.join(self.root, s["name"]): int(s["num_samples"]) for s in self.manifest["shards"]
@@ -346,98 +366,134 @@ class ShardSet:
 
 
 class _ViewStage:
-    """Replace each sample's image by `n` augmented views x1[, x2] (runs in the loader workers)."""
+    """Replace each sample's image by `n` augmented views x1[, x2] (runs in the loader workers).
+    With `seed`, a sample's views depend only on (seed, its data epoch, its id): the same after
+    a resume, whichever reader makes them (the loader workers' own RNG seeds are drawn anew
+    whenever a DataLoader starts)."""
 
-    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], n: int = 2):
-        self.transform, self.n = transform, n
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], n: int = 2, seed: Optional[int] = None):
+        self.transform, self.n, self.seed = transform, n, seed
 
     def __call__(self, sample: dict) -> dict:
         image = sample.pop("image")
-        for i in range(1, self.n + 1):
-            sample[f"x{i}"] = self.transform(image)
+        with contextlib.ExitStack() as stack:
+            if self.seed is not None:
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+                key = [self.seed % 2**32, sample.get("epoch", 0) % 2**32, sample["id"] % 2**32, (sample["id"] >> 32) % 2**32]
+                torch.manual_seed(int(np.random.SeedSequence(key).generate_state(2, np.uint64)[0] >> 1))
+            for i in range(1, self.n + 1):
+                sample[f"x{i}"] = self.transform(image)
         return sample
 
 
-def work_units(num_shards: int, readers: int) -> List[tuple]:
-    """What one data epoch is dealt out as: (shard index, part, parts) units, at least one per
-    reader. With fewer shards than readers each shard is split into `parts` by sample index
-    (its readers each read the whole shard and keep every parts-th sample)."""
-    parts = max(1, -(-readers // max(1, num_shards)))
-    return [(shard, part, parts) for shard in range(num_shards) for part in range(parts)]
-
-
-def epoch_units(num_shards: int, readers: int, reader: int, seed: int, epoch: int) -> List[tuple]:
-    """The units reader `reader` of `readers` reads in data epoch `epoch`: the epoch's units in
-    an order shuffled with (seed, epoch), dealt round-robin. Every unit goes to exactly one
-    reader; which one changes from epoch to epoch."""
-    units = work_units(num_shards, readers)
-    random.Random(f"hncl-epoch/{seed}/{epoch}").shuffle(units)
-    return units[reader::readers]
-
-
 class _EpochStream(torch.utils.data.IterableDataset):
-    """First stage of the training pipeline: this reader's samples of data epoch `start_epoch`,
-    then of the next epoch, and so on, each epoch shuffled in a buffer of `shuffle_buffer`
-    (epochs never mix). Samples carry their epoch (`__epoch__`). The reader is (rank, loader
-    worker), found when iteration starts (in the loader worker)."""
+    """First stage of the training pipeline: this reader's samples of its data epoch as the
+    `stream` state says (hncl/data/epoch_plan.py), from its position on, then of the next epoch,
+    and so on. Samples carry their epoch (`__epoch__`) and where the reader is after them
+    (`__stream__` = (reader, epoch, samples of the epoch's plan emitted)). The reader is (rank,
+    loader worker), found when iteration starts (in the loader worker); the rank's workers take
+    the readers' roles in the order the DataLoader will ask them for batches (from `turn` on)."""
 
-    def __init__(self, shards: "ShardSet", samples: "ShardSamples", seed: int, rank: int, world: int,
-                 start_epoch: int, shuffle_buffer: int):
-        self.urls, self.samples, self.seed, self.rank, self.world = shards.urls, samples, seed, rank, world
-        self.start_epoch, self.shuffle_buffer = start_epoch, shuffle_buffer
+    def __init__(self, shards: "ShardSet", samples: "ShardSamples", stream: StreamState, rank: int, world: int):
+        self.urls, self.samples, self.stream, self.rank, self.world = shards.urls, samples, stream, rank, world
 
     def reader(self) -> tuple:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * workers + worker, self.world * workers
+        readers = self.world * workers
+        if readers != self.stream.readers:
+            raise ValueError(f"the stream state is for {self.stream.readers} readers, not {readers} "
+                             f"({self.world} ranks x {workers} loader workers): resize it first")
+        return self.rank * workers + (worker + self.stream.turn) % workers, readers
 
-    def _epoch(self, units: List[tuple], epoch: int) -> Iterator[dict]:
-        for shard, part, parts in units:
-            for sample in self.samples.read(self.urls[shard], part, parts):
-                sample["__epoch__"] = epoch
-                yield sample
+    def _span_samples(self, span: np.ndarray, indices: np.ndarray) -> Iterator[tuple]:
+        """(index in span, raw sample) for span[indices] (ascending), reading each shard once."""
+        offsets = np.concatenate([[0], np.cumsum(self.stream.counts)])
+        positions = span[indices]
+        shard_of = np.searchsorted(offsets, positions, side="right") - 1
+        cut = np.flatnonzero(np.diff(shard_of)) + 1
+        for run in np.split(np.arange(len(positions)), cut):
+            if not len(run):
+                continue
+            shard = int(shard_of[run[0]])
+            local = positions[run] - offsets[shard]
+            at = dict(zip(local.tolist(), indices[run].tolist()))
+            for sample in self.samples.read(self.urls[shard], local):
+                yield at[sample["__index__"]], sample
+
+    def _epoch(self, plan: EpochPlan, reader: int, start: int) -> Iterator[tuple]:
+        """(samples of the plan emitted after this one, raw sample) from emission `start` on:
+        each block of the span is read in order (what was emitted before `start` skipped), then
+        emitted permuted; a sample the shard failed to deliver is passed over."""
+        span = plan.span(reader)
+        first_block = start - start % plan.block
+        orders = {}
+        todo = []
+        for b in range(first_block, len(span), plan.block):
+            size = min(plan.block, len(span) - b)
+            orders[b] = plan.block_order(reader, b // plan.block, size) + b
+            todo.append(orders[b][max(0, start - b):] if b == first_block else np.arange(b, b + size))
+        if not todo:
+            return
+        reading = self._span_samples(span, np.sort(np.concatenate(todo)))
+        ahead = next(reading, None)
+        for b, order in orders.items():
+            block = {}
+            while ahead is not None and ahead[0] < b + len(order):
+                block[ahead[0]] = ahead[1]
+                ahead = next(reading, None)
+            for i in range(max(0, start - b), len(order)):
+                sample = block.pop(int(order[i]), None)
+                if sample is not None:
+                    yield b + i + 1, sample
 
     def __iter__(self) -> Iterator[dict]:
         reader, readers = self.reader()
-        epoch, empty = self.start_epoch, 0
+        epoch, start = self.stream.positions[reader]
+        failed = 0
         while True:
-            units = epoch_units(len(self.urls), readers, reader, self.seed, epoch)
+            plan = self.stream.plan(epoch)
+            planned = len(plan.span(reader)) - start
             n = 0
-            rng = random.Random(f"hncl-shuffle/{self.seed}/{epoch}/{reader}")
-            for sample in wds.filters._shuffle(self._epoch(units, epoch), bufsize=max(1, self.shuffle_buffer),
-                                               initial=min(self.shuffle_buffer, 100), rng=rng):
+            for emitted, sample in self._epoch(plan, reader, start):
                 n += 1
+                sample["__epoch__"] = epoch
+                sample["__stream__"] = (reader, epoch, emitted)
                 yield sample
-            empty = 0 if n else empty + 1
-            if empty >= 3:  # every shard of this reader unreadable, three epochs running: never spin silently
-                raise InputError(f"reader {reader} of {readers} read no sample from its shards in 3 data epochs "
-                                 f"(e.g. {self.urls[units[0][0]] if units else 'none'}): the set is unreadable")
-            epoch += 1
+            # a share the deal left empty is fine; a share none of whose samples could be read is not
+            failed = 0 if n or planned <= 0 else failed + 1
+            if failed >= 3:  # three epochs running: never spin silently
+                raise InputError(f"reader {reader} of {readers} could read none of its samples in 3 data epochs "
+                                 f"({self.samples.last_failure or 'no sample delivered'}): the set is unreadable")
+            epoch, start = epoch + 1, 0
 
 
 def _decode_train(sample: dict, resolution: Optional[int]) -> dict:
     out = decode_sample(sample, resolution)
-    out["epoch"] = sample["__epoch__"]
+    out["epoch"], out["stream"] = sample["__epoch__"], sample["__stream__"]
     return out
 
 
 def train_pipeline(shards: ShardSet, batch_size: int, seed: int = 0, shuffle_buffer: int = 2000,
                    counter: Optional[SkipCounter] = None,
                    view_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                   views: int = 2, rank: int = 0, world: int = 1, start_epoch: int = 0,
-                   stall_timeout_s: float = 600.0) -> wds.DataPipeline:
+                   views: int = 2, rank: int = 0, world: int = 1, stream: Optional[StreamState] = None,
+                   loader_workers: int = 0, stall_timeout_s: float = 600.0) -> wds.DataPipeline:
     """Endless shuffled batches of this rank's share of every data epoch (see the module
-    docstring), from `start_epoch` on; deterministic for (seed, world, loader workers). With
+    docstring), from `stream`'s position on (default: the start of epoch 0 for `world` ranks x
+    `loader_workers` readers each); deterministic for (seed, world, loader workers). With
     `view_transform`, each sample carries `views` augmented views x1, x2 (made in the loader
-    workers) instead of its image. Batches carry each sample's data epoch (`epoch`)."""
+    workers) instead of its image. Batches carry each sample's data epoch (`epoch`) and where
+    their reader is after them (`stream`: reader, epoch, emitted)."""
     counter = counter or SkipCounter()
+    if stream is None:
+        stream = StreamState.start(shards.counts, seed, world * max(1, loader_workers), shuffle_buffer)
     stages = [
-        _EpochStream(shards, ShardSamples(shards, counter, stall_timeout_s), seed, rank, world, start_epoch,
-                     shuffle_buffer),
+        _EpochStream(shards, ShardSamples(shards, counter, stall_timeout_s), stream, rank, world),
         wds.map(partial(_decode_train, resolution=shards.resolution), handler=counter.handler),
     ]
     if view_transform is not None:
-        stages.append(wds.map(_ViewStage(view_transform, views), handler=counter.handler))
+        stages.append(wds.map(_ViewStage(view_transform, views, seed), handler=counter.handler))
     stages.append(wds.batched(batch_size, collation_fn=_collate(counter), partial=False))
     return wds.DataPipeline(*stages)
 

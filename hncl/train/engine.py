@@ -14,7 +14,6 @@ rng_rank{r}.json, {method.state_name}_rank{r}.pt for every rank, train_state.jso
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from hncl import storage
 from hncl.config import run_dir as run_dir_of
 from hncl.config import value
 from hncl.errors import UserError
+from hncl.train import zero_state
 from hncl.train.metrics import MetricsLog
 from hncl.train.session import Session
 
@@ -99,6 +99,12 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn
     return model
 
 
+def read_train_state(folder: str) -> dict:
+    """A checkpoint's train_state.json (step, world size, strategy, the caller's own state)."""
+    with open(os.path.join(folder, "train_state.json")) as f:
+        return json.load(f)
+
+
 class Engine:
     """Wraps `model` for this rank's strategy and steps it. `module` is what to call (DDP,
     the DeepSpeed engine, or the model); `model` stays the plain module (for its weights).
@@ -107,7 +113,8 @@ class Engine:
     probe on rank 0). With a `session`, checkpoints go through it; with `log`, metrics go to
     the run directory's metrics.jsonl/csv and TensorBoard (rank 0)."""
 
-    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[object],
+                 device: torch.device,
                  *, batch_size: int = 1, grad_clip: Optional[float] = None, strategy: Optional[str] = None,
                  session: Optional[Session] = None, log: bool = False):
         self.cfg, self.device = cfg, device
@@ -135,6 +142,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast and precision == "float16" else None
         # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs: the inputs must follow
         self.input_dtype = _HALF.get(precision) if self.deepspeed is not None else None
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.session = session
         self.run_dir = run_dir_of(cfg)
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0) if log else None
@@ -147,8 +155,13 @@ class Engine:
         return x.contiguous(memory_format=torch.channels_last if self.device.type == "cuda"
                             else torch.contiguous_format)
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimiser step, scheduler step."""
+    def step(self, loss: torch.Tensor, lr_factor: Optional[float] = None) -> None:
+        """Backward, clip, optimiser step, scheduler step. With `lr_factor`, every parameter
+        group's lr is its base lr (the optimiser's when the engine was made) times the factor
+        for this step (a schedule the caller owns, e.g. in samples)."""
+        if lr_factor is not None:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * lr_factor
         if self.deepspeed is not None:
             self.deepspeed.backward(loss)
             self.deepspeed.step()
@@ -166,15 +179,18 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, train_state: dict, metrics: Dict[str, float], method=None) -> None:
-        """Collective: every rank writes its files, the session commits them."""
+    def save_checkpoint(self, step: int, train_state: dict, metrics: Dict[str, float], method=None,
+                        extra: Optional[Callable[[str], None]] = None) -> None:
+        """Collective: every rank writes its files (and the caller's, with `extra(folder)`), the
+        session commits them."""
         if self.log is not None:
             self.log.flush()
 
@@ -182,18 +198,24 @@ class Engine:
             r = self.rank
             if self.deepspeed is not None:
                 self.deepspeed.save_checkpoint(folder, tag="deepspeed")
+                if self._zero_partitioned():  # collective; what a resume on another world size loads
+                    zero_state.save_consolidated(self.model, self.optimizer, os.path.join(folder, zero_state.FILE))
             elif r == 0:
                 save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
                           os.path.join(folder, "model.safetensors"))
                 torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-                torch.save(self.scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+                if self.scheduler is not None:
+                    torch.save(self.scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
             if method is not None and method.state_name:
                 torch.save(method.state_dict(), os.path.join(folder, f"{method.state_name}_rank{r}.pt"))
             with open(os.path.join(folder, f"rng_rank{r}.json"), "w") as f:
                 json.dump(rng_state(), f)
+            if extra is not None:
+                extra(folder)
             if r == 0:
                 with open(os.path.join(folder, "train_state.json"), "w") as f:
                     json.dump({**train_state, "step": step, "world_size": self.world, "strategy": self.strategy,
+                               "zero_stage": int(self.cfg.dist.zero_stage),
                                **({"method": method.name} if method is not None else {})}, f)
 
         self.session.save(step, write, {**metrics, "step": step})
@@ -204,30 +226,43 @@ class Engine:
         if self.session is None:
             return None
         with self.session.restored() as folder:
-            return None if folder is None else self._restore_from(folder, method)
+            return None if folder is None else self.restore_from(folder, method)
 
-    def _restore_from(self, folder: str, method) -> dict:
-        with open(os.path.join(folder, "train_state.json")) as f:
-            state = json.load(f)
+    def restore_from(self, folder: str, method=None) -> dict:
+        """restore() from a checkpoint folder at hand. Works on another world size: the method's
+        per-rank state is re-split, and a ZeRO-partitioned optimiser is loaded from the
+        consolidated state saved beside DeepSpeed's own files."""
+        state = read_train_state(folder)
         if state["strategy"] != self.strategy:
             raise UserError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "
                             f"this run uses {self.strategy}. Use a new run.name.")
         if method is not None and state.get("method", method.name) != method.name:
             raise UserError(f"checkpoint in {self.run_dir} was written by method {state['method']}; this run "
                             f"uses {method.name}. Use a new run.name.")
+        # the method's state first: its checks are cheap and say more than an optimiser's
+        if method is not None and method.state_name:
+            self._restore_method(method, folder, state["world_size"])
         if self.deepspeed is not None:
-            self.deepspeed.load_checkpoint(folder, tag="deepspeed")
+            consolidated = os.path.join(folder, zero_state.FILE)
+            if state["world_size"] == self.world or not self._zero_partitioned():
+                self.deepspeed.load_checkpoint(folder, tag="deepspeed")
+            elif os.path.exists(consolidated):
+                zero_state.load_consolidated(self.model, self.optimizer, consolidated)
+            else:
+                raise UserError(f"checkpoint {folder} was saved by {state['world_size']} ranks with ZeRO stage "
+                                f"{state.get('zero_stage', '?')} and holds no consolidated optimiser state (an older "
+                                f"hncl): resume it on {state['world_size']} ranks")
         else:
             with open(os.path.join(folder, "model.safetensors"), "rb") as f:  # read, not mmap: robust to
                 weights = load_safetensors(f.read())                         # files replaced underneath
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
                                                       weights_only=True))
-            self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
-        if method is not None and method.state_name:
-            self._restore_method(method, folder, state["world_size"])
+            scheduler = os.path.join(folder, "scheduler.pt")
+            if self.scheduler is not None and os.path.exists(scheduler):
+                self.scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
         rng = os.path.join(folder, f"rng_rank{self.rank}.json")
-        if os.path.exists(rng):
+        if os.path.exists(rng) and state["world_size"] == self.world:  # another world: fresh ranks' RNGs
             with open(rng) as f:
                 set_rng_state(json.load(f))
         if self.log is not None:
@@ -235,19 +270,23 @@ class Engine:
         self._record_resume(state, method)
         return state
 
+    def _zero_partitioned(self) -> bool:
+        return self.deepspeed is not None and int(self.deepspeed.zero_optimization_stage()) >= 1
+
     def _restore_method(self, method, folder: str, saved_world: int) -> None:
         prefix = method.state_name
-        files = sorted(glob.glob(os.path.join(folder, f"{prefix}_rank*.pt")))
-        if len(files) != saved_world:
-            raise UserError(f"checkpoint {folder} has {len(files)} {prefix} slices for world size {saved_world}")
+        files = [os.path.join(folder, f"{prefix}_rank{r}.pt") for r in range(saved_world)]
+        missing = [os.path.basename(f) for f in files if not os.path.exists(f)]
+        if missing:
+            raise UserError(f"checkpoint {folder} lacks {', '.join(missing)} of the {saved_world} {prefix} slices "
+                            f"its ranks saved")
         if saved_world == self.world:
-            method.load_state_dict(torch.load(os.path.join(folder, f"{prefix}_rank{self.rank}.pt"), weights_only=True))
+            method.load_state_dict(torch.load(files[self.rank], weights_only=True))
             return
-        if not self.cfg.run.reshard_queue:
-            raise UserError(
-                f"the checkpoint's neighbour queue is split over {saved_world} ranks but this run has {self.world}. "
-                f"Resume with dist.num_workers={saved_world}, or set run.reshard_queue=true to re-split the "
-                f"queue over {self.world} ranks (newest entries kept).")
+        # another world size: the slices are re-split, exactly (method.reshard says how)
+        if self.rank == 0:
+            print(f"[hncl] resuming {saved_world} ranks' run on {self.world}: the {prefix} is re-split over "
+                  f"{self.world} ranks", flush=True)
         states = [torch.load(f, weights_only=True) for f in files]
         method.load_state_dict(method.reshard(states, self.world)[self.rank])
 

@@ -30,8 +30,9 @@ from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, tra
 from hncl.errors import UserError
 from hncl.methods import build_method
 from hncl.model import HNCLModel
-from hncl.train.engine import Engine, device_for, prepare_model, seed_everything
-from hncl.train.optim import build_optimizer, warmup_cosine
+from hncl.data.epoch_plan import StreamState
+from hncl.train.engine import Engine, device_for, prepare_model, read_train_state, seed_everything
+from hncl.train.optim import SampleSchedule, build_optimizer
 from hncl.train.session import LocalSession, RaySession, Session
 
 
@@ -46,50 +47,111 @@ def typed_config(cfg_dict: dict):
 
 
 class Trainer:
-    """State of one worker's pretraining run; `fit()` runs it."""
+    """State of one worker's pretraining run; `fit()` runs it.
+
+    The run is defined in samples, not steps, so that it does not depend on the world size: its
+    global batch (data.global_batch_size, else data.batch_size x the ranks of its first start)
+    is kept across resumes and split over the ranks there are; training length, warm-up and the
+    lr at every point are functions of the samples trained. The data stream's position is part
+    of every checkpoint (hncl/data/epoch_plan.py)."""
 
     def __init__(self, cfg, session: Session):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world_size
         self.device = device_for(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards)
-        self.batch_size = cfg.data.batch_size
-        self.steps_per_epoch = cfg.data.steps_per_epoch or max(1, self.shards.num_samples // (self.batch_size * self.world))
-        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.step = 0
+        self.readers_per_rank = max(1, cfg.data.loader_workers)
+        self.step, self.samples_seen = 0, 0
+        self.skipped: Dict[str, int] = {}  # lost samples by reason (this rank)
+        self.skipped_where: Dict[str, list] = {}  # ... and which shards / samples
+        # run.record_sample_ids: (sample id, data epoch) of every sample this rank trains on
+        self.sample_ids: Optional[List[Tuple[int, int]]] = [] if cfg.run.record_sample_ids else None
+
+    def _build(self, saved: Optional[dict]) -> None:
+        """The model, optimiser, engine and method for this world size, with the run's global
+        batch and schedule (from `saved`, the checkpoint's train_state, when resuming)."""
+        cfg = self.cfg
+        self.global_batch = int(cfg.data.global_batch_size or (saved or {}).get("global_batch")
+                                or cfg.data.batch_size * ((saved or {}).get("world_size") or self.world))
+        if self.global_batch % self.world:
+            raise UserError(f"the run's global batch of {self.global_batch} samples cannot be split evenly over "
+                            f"{self.world} ranks: run on a number of ranks that divides it, or set "
+                            f"data.global_batch_size to a multiple of {self.world} (the lr follows it)")
+        self.batch_size = self.global_batch // self.world
+        n = self.shards.num_samples
+        self.samples_per_epoch = cfg.data.steps_per_epoch * self.global_batch if cfg.data.steps_per_epoch else n
+        self.schedule = SampleSchedule(total_samples=int(cfg.optim.epochs * self.samples_per_epoch),
+                                       warmup_samples=int(round(cfg.optim.warmup_epochs * self.samples_per_epoch)))
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = prepare_model(HNCLModel.from_config(cfg.model), cfg, self.device)
-        warmup = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        optimizer = build_optimizer(model, cfg.optim, self.batch_size * self.world)
-        self.engine = Engine(cfg, model, optimizer, warmup_cosine(optimizer, warmup, self.total_steps), self.device,
-                             batch_size=self.batch_size, grad_clip=cfg.optim.grad_clip, session=session, log=True)
+        optimizer = build_optimizer(model, cfg.optim, self.global_batch)
+        self.engine = Engine(cfg, model, optimizer, None, self.device, batch_size=self.batch_size,
+                             grad_clip=cfg.optim.grad_clip, session=self.session, log=True)
         self.descriptor = self.shards.descriptor().to(self.device)
         self.method = build_method(cfg, self.engine.module, self.device, self.descriptor, autocast=self.engine.autocast)
         self.run_dir = self.engine.run_dir
-        self.skipped: Dict[str, int] = {}  # lost samples by reason (this rank)
-        self.skipped_where: Dict[str, list] = {}  # ... and which shards / samples
-        self.samples_seen = 0
-        # run.record_sample_ids: (sample id, data epoch) of every sample this rank trains on
-        self.sample_ids: Optional[List[Tuple[int, int]]] = [] if cfg.run.record_sample_ids else None
+        self.stream = StreamState.start(self.shards.counts, cfg.run.seed, self.world * self.readers_per_rank,
+                                        cfg.data.shuffle_buffer)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps this run ends at, from where it is now (the global batch may have changed)."""
+        left = max(0, self.schedule.total_samples - self.samples_seen)
+        return self.step + -(-left // self.global_batch)
 
     def save_checkpoint(self, metrics: Dict[str, float]) -> None:
         total: Dict[str, int] = {}  # the run's lost samples by reason, summed over ranks
         for counts in hdist.gather_objects(self.skipped):
             for reason, n in counts.items():
                 total[reason] = total.get(reason, 0) + n
-        self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total},
-                                    metrics, self.method)
+        for positions in hdist.gather_objects(self._my_positions()):  # every reader's, rank 0 writes them
+            for reader, position in positions.items():
+                self.stream.positions[reader] = position
+        stream = self.stream.to_json()
 
-    def restore(self) -> bool:
-        state = self.engine.restore(self.method)
-        if state is None:
-            return False
+        def extra(folder: str) -> None:
+            if self.rank == 0:
+                with open(os.path.join(folder, "stream.json"), "w") as f:
+                    json.dump(stream, f)
+
+        self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total,
+                                                "global_batch": self.global_batch}, metrics, self.method, extra)
+
+    def _my_positions(self) -> Dict[int, tuple]:
+        first = self.rank * self.readers_per_rank
+        return {r: self.stream.positions[r] for r in range(first, first + self.readers_per_rank)}
+
+    def _restore(self, folder: str) -> None:
+        state = self.engine.restore_from(folder, self.method)
         self.step, self.samples_seen = state["step"], state.get("samples_seen", 0)
         self.skipped = state.get("skipped", {}) if self.rank == 0 else {}  # global counts: once
-        return True
+        readers = self.world * self.readers_per_rank
+        path = os.path.join(folder, "stream.json")
+        if not os.path.exists(path):  # a checkpoint of an hncl before stream positions
+            epoch = self.samples_seen // max(1, self.shards.num_samples)
+            self.stream = StreamState.start(self.shards.counts, self.cfg.run.seed, readers,
+                                            self.cfg.data.shuffle_buffer, epoch)
+            if self.rank == 0:
+                print(f"[hncl] the checkpoint holds no stream position (an older hncl): data epoch {epoch} "
+                      f"starts over", flush=True)
+            return
+        with open(path) as f:
+            stream = StreamState.from_json(json.load(f))
+        if stream.counts != self.shards.counts or stream.seed != self.cfg.run.seed:
+            raise UserError(f"the checkpoint in {self.run_dir} was trained on another shard set or run.seed "
+                            f"({len(stream.counts)} shards, {sum(stream.counts)} samples, seed {stream.seed}; now "
+                            f"{len(self.shards.counts)} shards, {self.shards.num_samples} samples, seed "
+                            f"{self.cfg.run.seed}): use a new run.name")
+        if stream.readers != readers:  # another world size or loader workers: the rest is dealt anew
+            stream = stream.resized(readers)
+            if self.rank == 0:
+                print(f"[hncl] the stream's position is dealt to {readers} readers ({self.world} ranks x "
+                      f"{self.readers_per_rank} loader workers): the rest of data epoch "
+                      f"{stream.positions[0][0]} once over them", flush=True)
+        self.stream = stream
 
     # -- the loop ----------------------------------------------------------------------------
-    def _step(self, batch: dict) -> Dict[str, float]:
+    def _step(self, batch: dict, lr_factor: float) -> Dict[str, float]:
         dev = self.device
         nb = dev.type == "cuda"
         if "image" in batch:  # data.augment_on=device: the views are made here, per batch
@@ -105,34 +167,39 @@ class Trainer:
                 f"loss became {metrics['loss']} at step {self.step + 1} (terms: "
                 f"{ {k: v for k, v in metrics.items() if k.startswith('loss')} }); stopping. The last good "
                 f"checkpoint in {self.run_dir} is intact: lower optim.lr or set optim.grad_clip, then resume.")
-        self.engine.step(loss)
+        self.engine.step(loss, lr_factor)
         return metrics
 
     def fit(self) -> dict:
         try:
             return self._fit()
         except BaseException:
-            self.engine.abort()  # no temporary files left behind (a restore that failed included)
+            if getattr(self, "engine", None) is not None:
+                self.engine.abort()  # no temporary files left behind (a restore that failed included)
             raise
 
     def _fit(self) -> dict:
         cfg = self.cfg
-        resumed = self.restore()
+        with self.session.restored() as folder:
+            self._build(None if folder is None else read_train_state(folder))
+            if folder is not None:
+                self._restore(folder)
         self._first_step = self.step
         if self.rank == 0:
-            print(f"[hncl] run directory: {self.run_dir} ({'resumed at step ' + str(self.step) if resumed else 'new'}); "
-                  f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps "
-                  f"({self.steps_per_epoch}/epoch), batch {self.batch_size}/rank", flush=True)
+            print(f"[hncl] run directory: {self.run_dir} "
+                  f"({'resumed at step ' + str(self.step) if folder is not None else 'new'}); "
+                  f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps of "
+                  f"{self.global_batch} samples ({self.batch_size}/rank), "
+                  f"{self.schedule.total_samples} samples in all", flush=True)
         on_device = value(cfg.data.augment_on) == "device"
         d = cfg.data
         recipe = dict(min_scale=d.min_crop_scale, colour=d.colour, grayscale=d.grayscale, hue=d.hue)
         if on_device:
             self.batch_views = BatchViews(d.image_size, **recipe)
         views = None if on_device else view_transform(d.image_size, **recipe)
-        # this rank's share of every data epoch; a resumed run starts over the epoch it stopped in
-        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, view_transform=views, rank=self.rank,
-                                  world=self.world, start_epoch=self.step // self.steps_per_epoch,
+        # this rank's share of every data epoch, from the checkpoint's stream position on
+        pipeline = train_pipeline(self.shards, self.batch_size, seed=cfg.run.seed, view_transform=views,
+                                  rank=self.rank, world=self.world, stream=self.stream,
                                   stall_timeout_s=cfg.data.stall_timeout_s)
         batches = iterate_forever(loader(pipeline, cfg.data.loader_workers, timeout_s=cfg.data.stall_timeout_s + 60))
         metrics = self._run(cfg, batches)
@@ -151,23 +218,25 @@ class Trainer:
     def _run(self, cfg, batches) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         window_start, window_samples = time.time(), 0
-        while self.step < self.total_steps:
+        while self.samples_seen < self.schedule.total_samples:
             batch = next(batches)
+            self._advance_stream(batch["stream"])
             add_skipped(self.skipped, batch, self.skipped_where)
             if self.sample_ids is not None:
                 self.sample_ids.extend(zip(batch["id"].tolist(), batch["epoch"].tolist()))
-            metrics = self._step(batch)
+            lr_factor = self.schedule.factor(self.samples_seen, self.global_batch)
+            metrics = self._step(batch, lr_factor)
             self.step += 1
-            self.samples_seen += len(batch["id"]) * self.world
-            window_samples += len(batch["id"]) * self.world
+            self.samples_seen += self.global_batch
+            window_samples += self.global_batch
             self.engine.maybe_fail(self.step)
-            last = self.step == self.total_steps
+            last = self.samples_seen >= self.schedule.total_samples
             if self.step % cfg.run.log_every == 0 or last:
                 skipped = self._global_skipped()
                 elapsed = time.time() - window_start
-                metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch,
-                               lr=self.engine.lr, images_per_s=window_samples / max(elapsed, 1e-9),
-                               skipped=skipped)
+                metrics.update(step=self.step, samples=self.samples_seen,
+                               epoch=self.samples_seen / self.shards.num_samples, lr=self.engine.lr,
+                               images_per_s=window_samples / max(elapsed, 1e-9), skipped=skipped)
                 self.engine.log.write(metrics)
                 window_start, window_samples = time.time(), 0
                 self._check_skipped(skipped)
@@ -177,6 +246,12 @@ class Trainer:
             elif self.step % cfg.run.log_every == 0:
                 self.session.report_metrics(numeric)
         return metrics
+
+    def _advance_stream(self, position) -> None:
+        """A batch was taken: its reader is past it, and the rank's next reader is the next one."""
+        reader, epoch, emitted = (int(x) for x in position)
+        self.stream.positions[reader] = (epoch, emitted)
+        self.stream.turn = (reader - self.rank * self.readers_per_rank + 1) % self.readers_per_rank
 
     def _global_skipped(self) -> int:
         n = torch.tensor([sum(self.skipped.values())], dtype=torch.float64, device=self.device)

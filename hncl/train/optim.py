@@ -1,8 +1,9 @@
-"""Optimisers (SGD, AdamW, LARS from timm) and the warm-up + cosine learning-rate schedule."""
+"""Optimisers (SGD, AdamW, LARS from timm) and the warm-up + cosine learning-rate schedule (in samples)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -37,11 +38,18 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> tor
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from ~0 to the base lr, then cosine decay to 0 at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+@dataclass(frozen=True)
+class SampleSchedule:
+    """Linear warm-up from ~0 to the base lr, then cosine decay to 0, as a function of the samples
+    trained (not of steps): the lr at a point of training is the same whatever the world size
+    and the global batch did before it. `factor(samples, batch)` is the lr factor of the step that
+    trains samples [samples, samples + batch)."""
+
+    total_samples: int
+    warmup_samples: int
+
+    def factor(self, samples: int, batch: int) -> float:
+        if samples < self.warmup_samples:
+            return min(1.0, (samples + batch) / self.warmup_samples)
+        progress = (samples - self.warmup_samples) / max(1, self.total_samples - self.warmup_samples)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
