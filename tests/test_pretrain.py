@@ -1,5 +1,5 @@
 """Pretraining end to end: debug mode, Ray Train with DDP and DeepSpeed, a killed worker, S3,
-`ray job submit`, NaN handling and resuming on another world size."""
+`ray job submit` and NaN handling (resuming: tests/test_resume.py)."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import torch
 
 from hncl.config import load_config
 from hncl.data.make_shards import ShardJob, make_shards
-from hncl.errors import UserError
 from hncl.model import ResNetEncoder, load_encoder_weights
 from hncl.queue import state_digest
 
@@ -204,30 +203,3 @@ def test_ray_job_submit_runs_cluster_train_py_with_paths_relative_to_the_working
     assert [m["step"] for m in read_metrics(run_dir)] == [2, 4]
     used = load_config(os.path.join(run_dir, "config.yaml")).data.train_shards
     assert os.path.isabs(used) and used.endswith("/data/synth") and not used.startswith(str(work))
-
-
-def _resume_on_two_ranks(cfg_dict):
-    from hncl.train.loop import train_loop_per_worker
-
-    try:
-        train_loop_per_worker({"cfg": cfg_dict, "session": "local"})
-        return "ok"
-    except UserError as e:
-        return str(e)
-
-
-def test_resuming_on_another_world_size_is_refused_or_resharded(shard_set, tmp_path, run_distributed):
-    from omegaconf import OmegaConf
-
-    from hncl.train.launch import pretrain_local
-
-    base = overrides(shard_set, tmp_path, "resize", steps=4, **{"data.loader_workers": 0})
-    pretrain_local(load_config("configs/debug.yaml", base))  # one rank, finishes at step 4
-    longer = [a for a in base if not a.startswith("optim.epochs")] + ["optim.epochs=2", "dist.num_workers=2"]
-    cfg = OmegaConf.to_container(load_config("configs/debug.yaml", longer), enum_to_str=True)
-    msgs = run_distributed(_resume_on_two_ranks, 2, cfg)
-    assert all("split over 1 ranks but this run has 2" in m and "run.reshard_queue=true" in m for m in msgs)
-    cfg["run"]["reshard_queue"] = True
-    assert run_distributed(_resume_on_two_ranks, 2, cfg) == ["ok", "ok"]
-    resume = [json.loads(l) for l in open(tmp_path / "resize" / "resumes.jsonl")][-1]
-    assert resume["saved_world_size"] == 1 and resume["world_size"] == 2 and resume["step"] == 4

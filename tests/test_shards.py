@@ -287,3 +287,46 @@ def test_dlib_default_skips_photos_without_a_face_and_counts_group_photos(tmp_pa
     manifest = make_shards(job, shard_size=4, descriptor_dim=2, progress=False, log=lambda *_: None)
     assert manifest["num_samples"] == len(files) and manifest["skipped"] == {}
     assert manifest["noted"]["no face detected: whole image used"] == len(no_face)
+
+
+def test_a_stream_restarted_at_a_saved_position_continues_exactly_and_decodes_nothing_twice(serial_set, monkeypatch):
+    """What a checkpoint saves of the stream: where each reader is after the batches trained on.
+    A stream started there gives exactly the batches (samples, order and augmented views) the
+    uninterrupted stream gave next; getting there decodes no sample trained on before."""
+    from hncl.data import shards as shards_module
+    from hncl.data.augment import view_transform
+    from hncl.data.epoch_plan import StreamState
+
+    shard_set = ShardSet.open(str(serial_set))
+
+    def stream(state, workers):
+        pipe = train_pipeline(shard_set, batch_size=8, seed=4, view_transform=view_transform(32), stream=state)
+        return iter(loader(pipe, num_workers=workers))
+
+    def position(state, batches):
+        state = StreamState.from_json(state.to_json())
+        for b in batches:
+            reader, epoch, emitted = b["stream"]
+            state.positions[reader] = (epoch, emitted)
+            state.turn = (reader + 1) % state.readers
+        return state
+
+    start = StreamState.start(shard_set.counts, seed=4, readers=2, block=30)
+    it = stream(start, 2)
+    whole = [next(it) for _ in range(24)]  # 192 samples: into the second epoch
+    for cut in (7, 16):
+        it = stream(position(start, whole[:cut]), 2)
+        for b in whole[cut:]:
+            again = next(it)
+            assert again["id"].tolist() == b["id"].tolist() and again["epoch"].tolist() == b["epoch"].tolist()
+            assert torch.equal(again["x1"], b["x1"]) and torch.equal(again["x2"], b["x2"])
+
+    decoded = []
+    real = shards_module.decode_sample
+    monkeypatch.setattr(shards_module, "decode_sample", lambda s, r=None: decoded.append(1) or real(s, r))
+    one = StreamState.start(shard_set.counts, seed=4, readers=1, block=30)
+    one.positions = [(0, 70)]  # 70 of the epoch's 120 samples trained on
+    it = stream(one, 0)
+    first = [next(it) for _ in range(3)]
+    # 3 batches of 8, and the one sample webdataset's batcher takes before it hands a batch out
+    assert len(decoded) == 3 * 8 + 1 and all(b["stream"][2] > 70 for b in first)

@@ -116,6 +116,29 @@ class Trainer:
 
         self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total,
                                                 "global_batch": self.global_batch}, metrics, self.method, extra)
+        if self.sample_ids is not None:
+            self._write_sample_ids_since_last_checkpoint()
+
+    # -- run.record_sample_ids ---------------------------------------------------------------
+    # sample_ids/STEP_rank{r}.json: what rank r trained on since the previous checkpoint, written
+    # with every checkpoint, so that the records of a run killed and resumed (on any world size)
+    # are exactly what the final weights were trained on: records past the checkpoint a run
+    # resumes from are removed then
+    def _write_sample_ids_since_last_checkpoint(self) -> None:
+        new = self.sample_ids[self._ids_saved:]
+        name = f"{self.step:08d}_rank{self.rank}.json"
+        storage.write_json(storage.join(storage.join(self.run_dir, "sample_ids"), name),
+                           {"rank": self.rank, "world_size": self.world, "after_step": self._ids_saved_step,
+                            "step": self.step, "ids": [i for i, _ in new], "epochs": [e for _, e in new]})
+        self._ids_saved, self._ids_saved_step = len(self.sample_ids), self.step
+
+    def _drop_sample_ids_after(self, step: int) -> None:
+        folder = storage.join(self.run_dir, "sample_ids")
+        if self.rank != 0 or not storage.exists(folder):
+            return
+        for name in storage.listdir(folder):
+            if int(name.split("_")[0]) > step:
+                storage.remove(storage.join(folder, name))
 
     def _my_positions(self) -> Dict[int, tuple]:
         first = self.rank * self.readers_per_rank
@@ -185,6 +208,9 @@ class Trainer:
             if folder is not None:
                 self._restore(folder)
         self._first_step = self.step
+        if self.sample_ids is not None:
+            self._ids_saved, self._ids_saved_step = 0, self.step
+            self._drop_sample_ids_after(self.step)
         if self.rank == 0:
             print(f"[hncl] run directory: {self.run_dir} "
                   f"({'resumed at step ' + str(self.step) if folder is not None else 'new'}); "
