@@ -274,14 +274,27 @@ def _run_until_committed(cluster, fs, cmd, run_dir, at_least, log):
                          f"{open(log.name).read()[-3000:]}")
 
 
-def test_lost_node_stops_the_run_after_node_wait_s_or_resumes_when_it_returns(cluster, s3_shards, tmp_path):
+def trained_on_s3(fs, run_dir):
+    """Every (sample id, data epoch) the final weights were trained on (run.record_sample_ids's
+    records written with each checkpoint), whatever world sizes wrote them."""
+    pairs = []
+    for path in sorted(fs.ls(f"{run_dir}/sample_ids")):
+        record = json.loads(fs.cat(path))
+        pairs += list(zip(record["ids"], record["epochs"]))
+    return pairs
+
+
+def test_lost_node_stops_the_run_then_it_resumes_on_the_node_left_and_again_on_both(cluster, s3_shards, tmp_path):
     """Node 2 (its raylet, agents and workers) is SIGKILLed mid-run. Not back within dist.node_wait_s:
-    the run stops in one line naming what is missing and the last committed checkpoint, which is
-    intact. Rerun, and node 2 lost again but back in time: the run resumes from the last committed
-    checkpoint with both queue slices exactly restored, and completes."""
-    fs, bucket, shards, _ = s3_shards
+    the run stops in one line naming what is missing, the last committed checkpoint, which is
+    intact, and how to go on now on the node left. That command resumes there on one worker (and
+    is itself killed after a checkpoint); node 2 back, the first command resumes on both, node 2 is
+    lost again but back in time and the run resumes with both queue slices exactly restored, and
+    completes: every sample once per data epoch, every step once."""
+    fs, bucket, shards, local = s3_shards
     run_dir = f"{bucket}/runs/lost"
-    cmd = pretrain_args(shards, f"s3://{bucket}/runs", "lost", steps=40, **{"dist.node_wait_s": 10})
+    cmd = pretrain_args(shards, f"s3://{bucket}/runs", "lost", steps=40,
+                        **{"dist.node_wait_s": 10, "run.record_sample_ids": "true"})
     with open(tmp_path / "first.log", "w") as log:
         proc, seen = _run_until_committed(cluster, fs, cmd, run_dir, 8, log)
         cluster.kill_node2()
@@ -294,17 +307,24 @@ def test_lost_node_stops_the_run_after_node_wait_s_or_resumes_when_it_returns(cl
     assert m and "stopped after waiting dist.node_wait_s=10 s" in line[0], line[0]
     assert "needs 2 workers x {CPU: 1} on distinct nodes" in line[0] and "1 worker short" in line[0], line[0]
     assert f"1 alive node ({HEAD_IP} {{CPU: 1}})" in line[0], line[0]
+    assert "or now on the nodes there are: the same command with dist.num_workers=1 " in line[0], line[0]
     stopped_at = int(m.group(3))
     assert m.group(1) == run_dir and stopped_at >= seen and int(m.group(2)) == stopped_at
     checkpoint = f"{run_dir}/checkpoint_{stopped_at:08d}"
     assert json.loads(fs.cat(f"{checkpoint}/train_state.json"))["step"] == stopped_at
-    saved = queue_digests_on_s3(fs, checkpoint)
 
-    # node 2 back; the same command resumes; node 2 lost again mid-run and back within node_wait_s
+    # what the line says: on the node left (killed by fault injection after its next checkpoint)
+    alone = run(cmd + ["dist.num_workers=1", "dist.max_failures=0", f"run.fail_at_step={stopped_at + 5}",
+                       "run.fail_rank=0"], cluster)
+    assert alone.returncode == 1 and f"resumed at step {stopped_at}" in alone.stdout + alone.stderr, \
+        (alone.stdout + alone.stderr)[-4000:]
+    assert "the rest of data epoch" in alone.stdout + alone.stderr
+
+    # node 2 back; the first command resumes on both; node 2 lost again mid-run and back within node_wait_s
     cluster.ensure_node2()
     cmd = [a for a in cmd if not a.startswith("dist.node_wait_s=")] + ["dist.node_wait_s=300"]
     with open(tmp_path / "second.log", "w") as log:
-        proc, seen = _run_until_committed(cluster, fs, cmd, run_dir, stopped_at + 8, log)
+        proc, seen = _run_until_committed(cluster, fs, cmd, run_dir, stopped_at + 12, log)
         cluster.kill_node2()
         time.sleep(3)
         cluster.start_node2()
@@ -313,10 +333,18 @@ def test_lost_node_stops_the_run_after_node_wait_s_or_resumes_when_it_returns(cl
     assert proc.returncode == 0, output[-4000:]
     assert "resumed at step" in output and "finished 40 steps" in output
     resumes = [json.loads(l) for l in fs.cat(f"{run_dir}/resumes.jsonl").decode().splitlines()]
-    assert len(resumes) == 2 and resumes[0]["step"] == stopped_at and resumes[0]["queue_digests"] == saved
-    back = resumes[1]  # Ray restarted from the newest checkpoint committed when node 2 was lost
-    assert back["step"] >= seen and back["world_size"] == 2
+    assert [(r["step"], r["saved_world_size"], r["world_size"]) for r in resumes[:2]] == \
+        [(stopped_at, 2, 1), (stopped_at + 4, 1, 2)]
+    assert len(resumes) == 3
+    back = resumes[2]  # Ray restarted from the newest checkpoint committed when node 2 was lost
+    assert back["step"] >= seen and back["saved_world_size"] == back["world_size"] == 2
     assert back["queue_digests"] == queue_digests_on_s3(fs, f"{run_dir}/checkpoint_{back['step']:08d}")
     steps = [json.loads(l)["step"] for l in fs.cat(f"{run_dir}/metrics.jsonl").decode().splitlines()]
     assert steps == list(range(4, 41, 4))  # every step logged once, none lost or doubled
     assert fs.exists(f"{run_dir}/encoder.safetensors")
+    pairs = trained_on_s3(fs, run_dir)
+    assert len(pairs) == 40 * 32 and len(set(pairs)) == len(pairs)  # no (sample, data epoch) twice
+    everything = sorted(set_ids(local))
+    epochs = sorted({e for _, e in pairs})
+    for epoch in epochs[:-1]:  # every data epoch but the last one trained whole
+        assert sorted(i for i, e in pairs if e == epoch) == everything, epoch

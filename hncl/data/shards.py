@@ -1,13 +1,16 @@
 """Streaming reader for shard sets (local folders or s3:// URLs), built on webdataset stages.
 
-Training mode: an endless sequence of data epochs. Each epoch the set's shards are shuffled
-with (seed, epoch) and dealt out to the readers (rank x loader worker, across every node), so
-each sample of an epoch is read by exactly one reader; a set with fewer shards than readers
-splits each shard into parts by sample index. Each reader shuffles its share of the epoch in a
-buffer, then goes on with its share of the next epoch: the stream never ends, so the training
-loop takes exactly `steps_per_epoch` fixed-size batches per epoch on every rank and no
-collective waits on a rank whose share was smaller. Evaluation mode: every sample exactly once,
-split by rank and loader worker, the last batch partial.
+Training mode: an endless sequence of data epochs, dealt out to the readers (rank x loader
+worker, across every node) by hncl/data/epoch_plan.py: each reader gets one contiguous span of
+the epoch's shard-shuffled sequence, all spans of one length, each shuffled in blocks of the
+shuffle buffer; so each sample of an epoch is read by exactly one reader and all readers finish
+an epoch within a sample of each other. A reader starts where the stream state says (a resumed
+run: the checkpoint's position; shards before it are not opened, tar members before it in its
+shard are read but not decoded), then goes on with its share of the next epoch: the stream never
+ends, so every rank takes the same number of fixed-size batches and no collective waits. Batches
+carry where their reader is after them, which the training loop saves with each checkpoint.
+Evaluation mode: every sample exactly once, split by rank and loader worker, the last batch
+partial.
 
 Both shard formats are read (hncl/data/shard_format.py): v1's four members per sample and v2's
 one; both decode to the same sample. A set in any other format is refused when it is opened.

@@ -7,8 +7,10 @@ What is trained, on which data and with which loss is the caller's: `hncl.train.
 pretraining (a Method from hncl/methods), `hncl.finetune` for fine-tuning and probing.
 
 Checkpoint folder (one per saved step; written through a Session: Ray Train or a plain run
-directory): model.safetensors, optimizer.pt, scheduler.pt (or DeepSpeed's deepspeed/ folder),
-rng_rank{r}.json, {method.state_name}_rank{r}.pt for every rank, train_state.json.
+directory): model.safetensors, optimizer.pt, scheduler.pt if the caller has one (or DeepSpeed's
+deepspeed/ folder, and with ZeRO >= 1 zero_consolidated.pt for a resume on another world size),
+rng_rank{r}.json, {method.state_name}_rank{r}.pt for every rank, train_state.json, and what the
+caller adds (pretraining: stream.json).
 """
 
 from __future__ import annotations
@@ -220,18 +222,11 @@ class Engine:
 
         self.session.save(step, write, {**metrics, "step": step})
 
-    def restore(self, method=None) -> Optional[dict]:
-        """Load the latest checkpoint, if any, into the model, optimiser, scheduler, RNG and
-        `method`'s per-rank state; returns its train_state.json (None: a new run)."""
-        if self.session is None:
-            return None
-        with self.session.restored() as folder:
-            return None if folder is None else self.restore_from(folder, method)
-
     def restore_from(self, folder: str, method=None) -> dict:
-        """restore() from a checkpoint folder at hand. Works on another world size: the method's
-        per-rank state is re-split, and a ZeRO-partitioned optimiser is loaded from the
-        consolidated state saved beside DeepSpeed's own files."""
+        """Load a checkpoint folder (the session's restored() one) into the model, optimiser,
+        scheduler, RNG and `method`'s per-rank state; returns its train_state.json. Works on
+        another world size: the method's per-rank state is re-split, and a ZeRO-partitioned
+        optimiser is loaded from the consolidated state saved beside DeepSpeed's own files."""
         state = read_train_state(folder)
         if state["strategy"] != self.strategy:
             raise UserError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "

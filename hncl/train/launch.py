@@ -127,8 +127,32 @@ def _stopped(cfg, bundle: dict, run_dir: str, why: str) -> str:
     head = (f"the run stopped after waiting dist.node_wait_s={cfg.dist.node_wait_s:g} s for its workers' resources"
             if why == "timeout" else "the run stopped: a new group of workers failed to start (a node lost while "
                                      "they started?)")
-    return (f"{head}: it needs {need}, the cluster has {have}, {short}. {saved} once the nodes are back "
-            f"(or with fewer dist.num_workers and run.reshard_queue=true)")
+    return f"{head}: it needs {need}, the cluster has {have}, {short}. {saved} once the nodes are back" + \
+        _resume_smaller(cfg, bundle, missing, last[0] if last else None)
+
+
+def _resume_smaller(cfg, bundle: dict, missing: int, checkpoint: Optional[str]) -> str:
+    """How to go on now on the nodes there are: the most workers the cluster holds that split the
+    run's global batch and queue evenly (a resume on another world size continues the run)."""
+    from hncl.raycluster import alive_nodes
+
+    from hncl import storage
+
+    if not missing or checkpoint is None:
+        return ""
+    fits = _capacity(alive_nodes(), bundle, value(cfg.dist.placement))
+    try:
+        global_batch = storage.read_json(storage.join(checkpoint, "train_state.json"))["global_batch"]
+    except Exception:  # an older checkpoint, or storage gone: the config says what it started with
+        global_batch = cfg.data.global_batch_size or cfg.data.batch_size * cfg.dist.num_workers
+    workers = [w for w in range(min(fits, cfg.dist.num_workers), 0, -1)
+               if global_batch % w == 0 and cfg.method.queue_size % w == 0]
+    if not workers:
+        return ""
+    w = workers[0]
+    return (f", or now on the nodes there are: the same command with dist.num_workers={w} (the run keeps its "
+            f"global batch of {global_batch}, {global_batch // w} per worker, and its schedule; the rest of the "
+            f"interrupted data epoch is dealt to the {w} worker{'s' if w != 1 else ''})")
 
 
 @contextlib.contextmanager

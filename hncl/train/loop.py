@@ -2,9 +2,8 @@
 
 Per step: a batch of two views + stored heatmaps from the shard stream -> descriptors on the
 device -> the method's training step (hncl/methods) -> the engine's step (DDP or DeepSpeed:
-hncl/train/engine.py) -> metrics. Every rank runs exactly `steps_per_epoch` steps per epoch (the
-stream of its share of each data epoch is endless), so collectives never wait on a rank that ran
-out of data.
+hncl/train/engine.py) -> metrics. Every rank takes one batch of global batch / ranks per step
+from its endless share of the stream, so collectives never wait on a rank that ran out of data.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from hncl import dist as hdist
 from hncl import storage, tempfiles
 from hncl.config import Config, run_dir, validate, value
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
+from hncl.data.epoch_plan import StreamState
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
 from hncl.errors import UserError
 from hncl.methods import build_method
 from hncl.model import HNCLModel
-from hncl.data.epoch_plan import StreamState
 from hncl.train.engine import Engine, device_for, prepare_model, read_train_state, seed_everything
 from hncl.train.optim import SampleSchedule, build_optimizer
 from hncl.train.session import LocalSession, RaySession, Session
@@ -79,6 +78,8 @@ class Trainer:
                             f"data.global_batch_size to a multiple of {self.world} (the lr follows it)")
         self.batch_size = self.global_batch // self.world
         n = self.shards.num_samples
+        if n <= 0:
+            raise UserError(f"{self.shards.root} holds no samples: nothing to train on")
         self.samples_per_epoch = cfg.data.steps_per_epoch * self.global_batch if cfg.data.steps_per_epoch else n
         self.schedule = SampleSchedule(total_samples=int(cfg.optim.epochs * self.samples_per_epoch),
                                        warmup_samples=int(round(cfg.optim.warmup_epochs * self.samples_per_epoch)))
@@ -114,10 +115,10 @@ class Trainer:
                 with open(os.path.join(folder, "stream.json"), "w") as f:
                     json.dump(stream, f)
 
+        if self.sample_ids is not None:  # before the commit: a resume drops records past its checkpoint
+            self._write_sample_ids_since_last_checkpoint()
         self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total,
                                                 "global_batch": self.global_batch}, metrics, self.method, extra)
-        if self.sample_ids is not None:
-            self._write_sample_ids_since_last_checkpoint()
 
     # -- run.record_sample_ids ---------------------------------------------------------------
     # sample_ids/STEP_rank{r}.json: what rank r trained on since the previous checkpoint, written
