@@ -77,6 +77,10 @@ class Trainer:
                             f"{self.world} ranks: run on a number of ranks that divides it, or set "
                             f"data.global_batch_size to a multiple of {self.world} (the lr follows it)")
         self.batch_size = self.global_batch // self.world
+        if self.batch_size != cfg.data.batch_size and self.rank == 0:
+            print(f"[hncl] {self.batch_size} samples per rank: the run's global batch of {self.global_batch} over "
+                  f"{self.world} ranks (data.batch_size={cfg.data.batch_size} applies to a run's first start; "
+                  f"data.global_batch_size changes the global batch)", flush=True)
         n = self.shards.num_samples
         if n <= 0:
             raise UserError(f"{self.shards.root} holds no samples: nothing to train on")
