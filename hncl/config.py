@@ -111,7 +111,7 @@ class DataConfig:
     image_size: int = 112
     batch_size: int = 256  # per rank, at the run's first start (then: data.global_batch_size / ranks)
     loader_workers: int = 4
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # each reader shuffles its share of an epoch in blocks of this many samples
     # the run's global batch, kept across resumes and split over the ranks there are (None: batch_size
     # x the ranks of the run's first start); the lr is scaled with it
     global_batch_size: Optional[int] = None

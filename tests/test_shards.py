@@ -330,3 +330,20 @@ def test_a_stream_restarted_at_a_saved_position_continues_exactly_and_decodes_no
     first = [next(it) for _ in range(3)]
     # 3 batches of 8, and the one sample webdataset's batcher takes before it hands a batch out
     assert len(decoded) == 3 * 8 + 1 and all(b["stream"][2] > 70 for b in first)
+
+
+def test_a_set_with_fewer_samples_than_readers_streams_on_every_reader(tmp_path):
+    """3 samples, 8 readers (8 ranks, no loader workers): most shares of an epoch are empty,
+    which is not a failure; every reader gets its turn, each epoch's samples once."""
+    make_shards(synthetic_job(tmp_path / "tiny", n=3), shard_size=2, descriptor_dim=8, progress=False,
+                log=lambda *_: None)
+    tiny = ShardSet.open(str(tmp_path / "tiny"))
+    got = {}
+    for rank in range(8):
+        it = iter(train_pipeline(tiny, batch_size=1, seed=0, rank=rank, world=8))
+        got[rank] = [(int(b["id"][0]), int(b["epoch"][0])) for b in (next(it) for _ in range(3))]
+    everything = sorted(torch.cat([b["id"] for b in read_all(tmp_path / "tiny")]).tolist())
+    passed = min(pairs[-1][1] for pairs in got.values())  # every reader is past the epochs before this
+    assert passed >= 2
+    for epoch in range(passed):
+        assert sorted(i for pairs in got.values() for i, e in pairs if e == epoch) == everything, epoch
