@@ -41,6 +41,9 @@ def test_shipped_configs_load(path):
     (["method.batch_neighbours=-1"], ["method.batch_neighbours=-1", ">= 0"]),
     (["descriptor.resolution=10"], ["descriptor.resolution", "16"]),
     (["justtext"], ["justtext", "key=value"]),
+    (["run.reshard_queue=true"], ["run.reshard_queue was removed", "re-splits the queue"]),
+    (["data.global_batch_size=0"], ["data.global_batch_size=0", ">= 1"]),
+    (["data.steps_per_epoch=0"], ["data.steps_per_epoch=0", ">= 1"]),
 ])
 def test_bad_config_names_the_field(overrides, must_contain):
     with pytest.raises(ConfigError) as err:
