@@ -68,3 +68,35 @@ def test_the_state_round_trips_through_json_and_a_same_size_resume_keeps_the_ord
     assert back.positions == state.positions and back.turn == 1 and back.readers == 2
     for epoch in (0, 1):
         assert [e.tolist() for e in emitted(back, epoch)] == [e.tolist() for e in emitted(state, epoch)]
+
+
+def test_positions_through_several_resizes_and_a_new_shuffle_buffer_train_each_sample_once_per_epoch():
+    """Random runs: readers emit arbitrary parts of their shares, the state goes through JSON and
+    is resized (e.g. 2 -> 1 -> 2 ranks after a node loss, where the smaller run stops while still
+    in the interrupted epoch's rest) or gets another shuffle block, and every (sample, epoch) is
+    emitted at most once, every epoch before the last reached whole."""
+    rng = np.random.default_rng(0)
+    counts = [10, 10, 7]
+    n = sum(counts)
+    for trial in range(60):
+        state = StreamState.start(counts, seed=trial, readers=int(rng.integers(1, 5)), block=int(rng.integers(1, 9)))
+        seen = []
+        for _ in range(4):
+            for r, (epoch, k) in enumerate(state.positions):  # each reader emits some of its stream
+                for _ in range(int(rng.integers(0, 12))):
+                    order = state.plan(epoch).emission(r)
+                    if k >= len(order):
+                        epoch, k = epoch + 1, 0
+                        continue
+                    seen.append((int(order[k]), epoch))
+                    k += 1
+                state.positions[r] = (epoch, k)
+            state = StreamState.from_json(state.to_json())
+            if rng.random() < 0.3:
+                state = state.reblocked(int(rng.integers(1, 9)))
+            else:
+                state = state.resized(int(rng.integers(1, 5)))
+        assert len(seen) == len(set(seen)), trial
+        last = max(e for _, e in seen) if seen else 0
+        for epoch in range(min(e for e, _ in state.positions)):
+            assert sorted(i for i, e in seen if e == epoch) == list(range(n)), (trial, epoch, last)

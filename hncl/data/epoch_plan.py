@@ -144,13 +144,25 @@ class StreamState:
         split among them, each sample once; later epochs follow the new number of readers."""
         block = self.block if block is None else max(1, int(block))
         first = min(e for e, _ in self.positions)
-        last = max(e for e, _ in self.positions)
+        # epochs some reader is in, and later ones an earlier resize dealt anew (their exclusions stay)
+        last = max([e for e, _ in self.positions] + [e for e in self.plans if e >= first])
         plans = {}
         for epoch in range(first, last + 1):
             done = self.trained(epoch)
             if done.any():
                 plans[epoch] = EpochPlan(self.counts, self.seed, epoch, readers, block, done)
         return StreamState(self.counts, self.seed, readers, block, [(first, 0)] * readers, plans, 0)
+
+    def reblocked(self, block: int) -> "StreamState":
+        """The same position with another shuffle block from the next data epoch on: the epochs
+        readers are in keep the deal their positions count in."""
+        block = max(1, int(block))
+        if block == self.block:
+            return self
+        plans = dict(self.plans)
+        for epoch in range(min(e for e, _ in self.positions), max(e for e, _ in self.positions) + 1):
+            plans.setdefault(epoch, self.plan(epoch))
+        return StreamState(self.counts, self.seed, self.readers, block, list(self.positions), plans, self.turn)
 
     def to_json(self) -> dict:
         live = {e: p for e, p in self.plans.items() if e >= min(e for e, _ in self.positions)}

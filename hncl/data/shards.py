@@ -382,8 +382,9 @@ class _ViewStage:
         with contextlib.ExitStack() as stack:
             if self.seed is not None:
                 stack.enter_context(torch.random.fork_rng(devices=[]))
-                key = [self.seed % 2**32, sample.get("epoch", 0) % 2**32, sample["id"] % 2**32, (sample["id"] >> 32) % 2**32]
-                torch.manual_seed(int(np.random.SeedSequence(key).generate_state(2, np.uint64)[0] >> 1))
+                key = [self.seed, sample.get("epoch", 0), sample["id"], sample["id"] >> 32]
+                seed = np.random.SeedSequence([k % 2**32 for k in key]).generate_state(1, np.uint64)[0]
+                torch.manual_seed(int(seed >> 1))
             for i in range(1, self.n + 1):
                 sample[f"x{i}"] = self.transform(image)
         return sample

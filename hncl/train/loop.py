@@ -84,7 +84,10 @@ class Trainer:
         n = self.shards.num_samples
         if n <= 0:
             raise UserError(f"{self.shards.root} holds no samples: nothing to train on")
-        self.samples_per_epoch = cfg.data.steps_per_epoch * self.global_batch if cfg.data.steps_per_epoch else n
+        # data.steps_per_epoch counts global batches of the run's first start: a later change of the
+        # global batch must not stretch or shrink the schedule
+        self.epoch_batch = int((saved or {}).get("epoch_batch") or self.global_batch)
+        self.samples_per_epoch = cfg.data.steps_per_epoch * self.epoch_batch if cfg.data.steps_per_epoch else n
         self.schedule = SampleSchedule(total_samples=int(cfg.optim.epochs * self.samples_per_epoch),
                                        warmup_samples=int(round(cfg.optim.warmup_epochs * self.samples_per_epoch)))
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
@@ -122,7 +125,8 @@ class Trainer:
         if self.sample_ids is not None:  # before the commit: a resume drops records past its checkpoint
             self._write_sample_ids_since_last_checkpoint()
         self.engine.save_checkpoint(self.step, {"samples_seen": self.samples_seen, "skipped": total,
-                                                "global_batch": self.global_batch}, metrics, self.method, extra)
+                                                "global_batch": self.global_batch, "epoch_batch": self.epoch_batch},
+                                    metrics, self.method, extra)
 
     # -- run.record_sample_ids ---------------------------------------------------------------
     # sample_ids/STEP_rank{r}.json: what rank r trained on since the previous checkpoint, written
@@ -170,12 +174,18 @@ class Trainer:
                             f"({len(stream.counts)} shards, {sum(stream.counts)} samples, seed {stream.seed}; now "
                             f"{len(self.shards.counts)} shards, {self.shards.num_samples} samples, seed "
                             f"{self.cfg.run.seed}): use a new run.name")
+        block = self.cfg.data.shuffle_buffer
         if stream.readers != readers:  # another world size or loader workers: the rest is dealt anew
-            stream = stream.resized(readers)
+            stream = stream.resized(readers, block)
             if self.rank == 0:
                 print(f"[hncl] the stream's position is dealt to {readers} readers ({self.world} ranks x "
                       f"{self.readers_per_rank} loader workers): the rest of data epoch "
                       f"{stream.positions[0][0]} once over them", flush=True)
+        elif stream.block != block:
+            if self.rank == 0:
+                print(f"[hncl] data.shuffle_buffer={block} (was {stream.block}) applies from the next data epoch "
+                      f"on: the epochs in progress keep the order their positions count in", flush=True)
+            stream = stream.reblocked(block)
         self.stream = stream
 
     # -- the loop ----------------------------------------------------------------------------
