@@ -10,12 +10,15 @@ from typing import Dict, List, Optional
 
 from hncl.dist import free_port
 from hncl.errors import UserError
+from hncl.storage import CREDENTIAL_ENV
 
 # What the driver forwards to every worker and task it starts (Ray starts them with the node's
-# environment, not the driver's): S3 credentials and endpoint, so every node reads and writes the
-# same storage as the driver.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-                 "AWS_DEFAULT_REGION", "HNCL_S3_CONNECT_TIMEOUT", "HNCL_S3_READ_TIMEOUT", "HNCL_S3_DEADLINE")
+# environment, not the driver's): what botocore's credential chain reads (keys and session token,
+# profile and config files, web identity, region), the endpoint and hncl's S3 timeouts, so every
+# node reads and writes the same storage as the driver. A node's own instance or container role
+# needs nothing forwarded.
+FORWARDED_ENV = tuple(k for k in CREDENTIAL_ENV if not k.startswith("AWS_CONTAINER_")) + (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "HNCL_S3_CONNECT_TIMEOUT", "HNCL_S3_READ_TIMEOUT", "HNCL_S3_DEADLINE")
 
 
 class ClusterError(UserError, RuntimeError):

@@ -7,8 +7,12 @@ reference: Ray Train's controller receives the filesystem of an S3 run directory
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from typing import Any, Awaitable, Callable
+
+import fsspec.asyn
 
 import s3fs
 from botocore.handlers import add_expect_header
@@ -24,6 +28,10 @@ class ResilientS3FileSystem(s3fs.S3FileSystem):
 
     retries = 2  # s3fs's own quick retries inside each attempt (cut bodies, a dropped connection)
 
+    def __init__(self, *args, credential_env=(), **kwargs):
+        # credential_env: only part of fsspec's instance-cache key (hncl.storage.s3_filesystem)
+        super().__init__(*args, **kwargs)
+
     async def set_session(self, refresh=False, kwargs={}):
         client = await super().set_session(refresh, kwargs)
         # botocore asks for "Expect: 100-continue" on uploads, and aiohttp waits for that answer
@@ -33,22 +41,87 @@ class ResilientS3FileSystem(s3fs.S3FileSystem):
         client.meta.events.unregister("before-call.s3", add_expect_header)
         return client
 
-    async def _call_s3(self, method, *akwarglist, **kwargs):
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """attempt(), again after each transient failure, with backoff, until HNCL_S3_DEADLINE."""
         budget = setting("HNCL_S3_DEADLINE")
         deadline = time.monotonic() + budget
         delay, last = 0.5, None
         while True:
             try:
-                return await asyncio.wait_for(super()._call_s3(method, *akwarglist, **kwargs),
-                                              timeout=max(deadline - time.monotonic(), 0.1))
-            except asyncio.TimeoutError:  # the deadline cut the attempt short: say why it was retried
-                raise (last or TimeoutError(f"no answer from the S3 endpoint within {budget:.0f} s")) from None
+                # asyncio.timeout, not wait_for: expired() tells the deadline apart from a request's
+                # own read timeout (aiobotocore's body-read timeout is a TimeoutError too: transient)
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)) as limit:
+                    return await attempt()
             except Exception as e:
+                if limit.expired():  # the deadline cut the attempt short: say why it was retried
+                    raise (last or TimeoutError(f"no answer from the S3 endpoint within {budget:.0f} s")) from None
                 if not is_transient(e) or time.monotonic() + delay >= deadline:
                     raise
                 if last is None:
-                    log.info("S3 %s failed (%s); retrying for up to %.0f s", method,
-                                str(e).splitlines()[0][:200] or type(e).__name__, deadline - time.monotonic())
+                    log.info("S3 %s failed (%s); retrying for up to %.0f s", what,
+                             str(e).splitlines()[0][:200] or type(e).__name__, deadline - time.monotonic())
                 last = e
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 8.0)
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        call = super()._call_s3
+
+        async def attempt():
+            try:
+                return await call(method, *akwarglist, **kwargs)
+            except Exception as e:
+                # NoSuchUpload (s3fs makes it a FileNotFoundError): done before, or really gone
+                if method == "complete_multipart_upload" and isinstance(e, FileNotFoundError):
+                    done = await self._completed_before(kwargs)
+                    if done is not None:
+                        return done
+                raise
+
+        return await self._retrying(method, attempt)
+
+    # Reads whose body comes after the call: the request is retried in _call_s3, the body here
+    # (a stall or a cut after the headers), each under the deadline as a whole.
+    async def _cat_file(self, path, *args, **kwargs):
+        cat = super()._cat_file
+        return await self._retrying("get_object (body)", lambda: cat(path, *args, **kwargs))
+
+    async def _get_file(self, rpath, lpath, *args, **kwargs):
+        get = super()._get_file
+        return await self._retrying("get_object (download)", lambda: get(rpath, lpath, *args, **kwargs))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if mode == "rb":  # s3fs makes its S3File by name: a subclass gives its ranged reads the deadline
+            f.__class__ = _ResilientS3File
+            f.cache.fetcher = f._fetch_range  # the read cache holds the fetch it was made with
+        return f
+
+    async def _completed_before(self, kwargs) -> dict | None:
+        """A completion retried after its answer was lost finds the upload gone (NoSuchUpload):
+        it succeeded if the object now there is exactly this upload, i.e. its ETag is the MD5 of
+        the parts' MD5s with the part count. The completion's answer, or None if it is not."""
+        parts = kwargs["MultipartUpload"]["Parts"]
+        digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)).hexdigest()
+        expected = f'"{digest}-{len(parts)}"'
+        try:
+            head = await super()._call_s3("head_object", Bucket=kwargs["Bucket"], Key=kwargs["Key"])
+        except Exception:
+            return None
+        if head.get("ETag") != expected:
+            return None
+        log.info("S3 complete_multipart_upload of s3://%s/%s: its answer was lost, the object is in place",
+                 kwargs["Bucket"], kwargs["Key"])
+        return {"Bucket": kwargs["Bucket"], "Key": kwargs["Key"], "ETag": expected}
+
+
+class _ResilientS3File(s3fs.core.S3File):
+    def _fetch_range(self, start, end):
+        if start == end:
+            return b""
+
+        def attempt():  # s3fs's own fetch of the range: the request and the body
+            return s3fs.core._inner_fetch(self.fs, self.bucket, self.key, self.version_id, start, end,
+                                          self.read_kw, self.details)
+
+        return fsspec.asyn.sync(self.fs.loop, self.fs._retrying, "get_object (range)", attempt)

@@ -1,9 +1,11 @@
 """Local paths and s3:// URLs behind one small interface (fsspec; s3fs for S3).
 
-S3 endpoints and credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 for a non-AWS endpoint such as MinIO or moto).
+S3 credentials are found as botocore finds them (its standard chain: AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and the shared config files, web identity,
+SSO, container and instance roles); AWS_ENDPOINT_URL_S3 names a non-AWS endpoint (MinIO, moto).
 Writes are atomic: a file appears under its final name only when complete (local: write a
-temporary name, then rename; S3: a single PUT of the finished object).
+temporary name, then rename; S3: one PUT, or a multipart upload whose completion is checked
+against the object when its answer was lost: hncl.s3).
 
 S3 under faults: every call has a connect and a read timeout, and transient failures (refused
 or reset connections, timeouts, cut bodies, 5xx, throttling) are retried with backoff until a
@@ -51,6 +53,10 @@ class Unreachable(StorageError, ConnectionError):
 
 
 class AccessDenied(StorageError, PermissionError):
+    pass
+
+
+class MissingCredentials(AccessDenied):
     pass
 
 
@@ -114,6 +120,9 @@ def explain(exc: BaseException, url: str, doing: str) -> Optional[StorageError]:
         return None
     code = _client_code(exc) or ""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or "AWS S3"
+    missing = _missing_credentials(exc)
+    if missing:
+        return MissingCredentials(f"cannot sign requests to {url}: {missing}")
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "403",
                 "InvalidToken", "AuthorizationHeaderMalformed") or isinstance(exc, PermissionError):
         return AccessDenied(f"access denied to {url} ({code or exc}) by {endpoint}: check the credentials "
@@ -128,6 +137,20 @@ def explain(exc: BaseException, url: str, doing: str) -> Optional[StorageError]:
         return Unreachable(f"cannot reach the S3 endpoint {endpoint} while {doing} {url} ({cause}); retried for "
                            f"{setting('HNCL_S3_DEADLINE'):.0f} s (HNCL_S3_DEADLINE): check the endpoint "
                            f"(AWS_ENDPOINT_URL_S3) and the network, then rerun: finished work is kept")
+    return None
+
+
+def _missing_credentials(exc: BaseException) -> Optional[str]:
+    """What is missing when botocore found no usable credentials, or None."""
+    import botocore.exceptions as bce
+
+    for e in _chain(exc):
+        if isinstance(e, bce.ProfileNotFound):
+            return (f"the AWS profile '{e.kwargs.get('profile')}' (AWS_PROFILE) is not in this host's AWS config files "
+                    f"(AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE, default ~/.aws/)")
+        if isinstance(e, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+            return (f"no AWS credentials found ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                    f"AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE, or run where a role provides them")
     return None
 
 
@@ -152,16 +175,47 @@ def s3_errors(url: str, doing: str):
         raise err from e
 
 
-def s3_filesystem():
-    """The S3 filesystem with this process's credentials, endpoint, timeouts and retries (the
-    arguments are explicit, so a changed environment gets a new instance, not a cached one)."""
+# What decides which credentials botocore finds (and where): a change gives a new filesystem
+# instance, not fsspec's cached one made with the old ones.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                  "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
+                  "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                  "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+                  "AWS_EC2_METADATA_DISABLED", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE")
+
+
+def s3_filesystem(**credentials: Any):
+    """The S3 filesystem with this process's credentials, endpoint, timeouts and retries.
+    Credentials: botocore's standard chain, resolved (and refreshed) by aiobotocore in this
+    process, unless given (key, secret, token, profile)."""
     from hncl.s3 import ResilientS3FileSystem
 
-    options = {k: os.environ[v] for k, v in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
-                                             ("endpoint_url", "AWS_ENDPOINT_URL_S3")) if os.environ.get(v)}
+    options = {k: v for k, v in credentials.items() if v}
+    if os.environ.get("AWS_ENDPOINT_URL_S3"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL_S3"]
     config = {"connect_timeout": setting("HNCL_S3_CONNECT_TIMEOUT"), "read_timeout": setting("HNCL_S3_READ_TIMEOUT"),
               "retries": {"total_max_attempts": 1}}  # one try per request: hncl retries, with a deadline, in _call_s3
-    return ResilientS3FileSystem(use_listings_cache=False, config_kwargs=config, **options)
+    return ResilientS3FileSystem(use_listings_cache=False, config_kwargs=config,
+                                 credential_env=tuple((k, os.environ.get(k)) for k in CREDENTIAL_ENV), **options)
+
+
+def portable_s3_filesystem(url: str):
+    """An S3 filesystem for another process that may lack this one's environment (Ray's
+    controller unpickles it): credentials this process has from its environment or the credential
+    files travel with the instance (session token included); refreshable ones (assumed roles, web
+    identity, SSO, instance and container roles) are resolved anew there, from the same profile."""
+    import botocore.session
+
+    with s3_errors(url, "finding credentials for"):
+        creds = botocore.session.Session().get_credentials()
+        if creds is None:
+            import botocore.exceptions
+
+            raise botocore.exceptions.NoCredentialsError()
+        if creds.method in ("env", "shared-credentials-file", "config-file"):
+            frozen = creds.get_frozen_credentials()
+            return s3_filesystem(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
+        return s3_filesystem(profile=os.environ.get("AWS_PROFILE"))
 
 
 def is_remote(url: str) -> bool:

@@ -5,9 +5,16 @@
     proxy.mode = "blackhole"   # requests read, never answered: every connection open meanwhile
                                # stays silent for good (half-open), new ones after it work
     proxy.mode = "latency"     # every chunk of the answer delayed by proxy.delay seconds
-    proxy.mode = "cut"         # answers cut off after proxy.cut_after bytes, then the socket closed
+    proxy.mode = "cut"         # each answer cut off after proxy.cut_after bytes, then the socket closed
+    proxy.mode = "stall"       # each answer stops after proxy.cut_after bytes, the socket left open
     proxy.mode = "pass"        # a plain proxy again
     with proxy.outage(seconds, "refuse"): ...   # a timed outage in the background
+    proxy.lose_answer_to = "POST .*uploadId="   # once: the answer to the first request whose
+                               # request line matches is lost (the server did the work), the
+                               # connection closed
+    proxy.answer_next = (pattern, raw_answer)   # once: the next request whose request line
+                               # matches is not forwarded; the client gets raw_answer instead
+    proxy.requests             # the head (request line and headers) of every request seen
 
 Threads only, no dependencies: one accept loop, two pump threads per connection. Refusing is
 real: the listening socket is closed and re-bound to the same port afterwards.
@@ -16,10 +23,13 @@ real: the listening socket is closed and re-bound to the same port afterwards.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
-from typing import List
+from typing import List, Optional, Tuple
+
+_REQUEST_HEAD = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) \S+ HTTP/1\.1\r\n.*?\r\n\r\n", re.S)
 
 
 class FaultProxy:
@@ -30,6 +40,9 @@ class FaultProxy:
         self.delay = 0.5
         self.cut_after = 200
         self.connections = 0
+        self.requests: List[str] = []
+        self.lose_answer_to: Optional[str] = None
+        self.answer_next: Optional[Tuple[str, bytes]] = None
         self._lock = threading.Lock()
         self._open: List[socket.socket] = []
         self._stop = threading.Event()
@@ -99,21 +112,46 @@ class FaultProxy:
             client.close()
             return
         self._track(client, upstream)
-        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-        self._pump(upstream, client, True)
+        connection = {"lose": False, "requests": 0, "answer": None}
+        threading.Thread(target=self._pump, args=(client, upstream, False, connection), daemon=True).start()
+        self._pump(upstream, client, True, connection)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, answer: bool) -> None:
-        sent, dead = 0, False
+    def _saw_request(self, data: bytes, connection: dict) -> None:
+        for head in _REQUEST_HEAD.findall(data):  # heads arrive whole in practice (one small write)
+            text = head.decode("latin-1")
+            with self._lock:
+                connection["requests"] += 1
+                self.requests.append(text)
+                if self.lose_answer_to and re.match(self.lose_answer_to, text):
+                    self.lose_answer_to, connection["lose"] = None, True
+                elif self.answer_next and re.match(self.answer_next[0], text):
+                    connection["answer"], self.answer_next = self.answer_next[1], None
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answer: bool, connection: dict) -> None:
+        sent, dead, request, stalled = 0, False, 0, False
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if answer and connection["requests"] != request:  # the answer to the next request
+                    sent, request = 0, connection["requests"]
+                if not answer:
+                    self._saw_request(data, connection)
+                    if connection["answer"] is not None:  # answered here, never forwarded
+                        src.sendall(connection["answer"])
+                        break
+                if answer and connection["lose"]:
+                    break  # the answer is lost on the way: the client sees the connection close
                 if answer and (dead or self.mode == "blackhole"):
                     dead = True  # answers lost on the way, from now on
                     continue
                 if answer and self.mode == "latency":
                     time.sleep(self.delay)
+                if answer and self.mode == "stall" and sent + len(data) > self.cut_after:
+                    dst.sendall(data[:max(0, self.cut_after - sent)])
+                    sent, dead, stalled = self.cut_after, True, True
+                    continue
                 if answer and self.mode == "cut":
                     room = max(0, self.cut_after - sent)
                     if room < len(data):
@@ -121,6 +159,8 @@ class FaultProxy:
                         break
                 dst.sendall(data)
                 sent += len(data)
+            if stalled:  # the server is done, the client must not know: silence until it gives up
+                self._stop.wait(30)
         except OSError:
             pass
         finally:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -200,16 +201,23 @@ def test_a_run_killed_from_outside_resumes_and_its_temp_files_are_swept(faulty_s
             "optim.epochs=1", "data.steps_per_epoch=40", "data.batch_size=16", "data.loader_workers=0",
             "run.log_every=1", "run.checkpoint_every=4", "model.width=8", "data.image_size=32",
             "method.queue_size=128", "data.shuffle_buffer=20"]
-    first = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=first_log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while not storage.exists(f"{run}/checkpoint_00000008/_COMPLETE") and first.poll() is None:
+        def last_committed():  # checkpoint 8 itself may be gone already (keep_checkpoints=2)
+            steps = [int(n.split("_")[1]) for n in storage.listdir(run) if re.fullmatch(r"checkpoint_\d{8}", n)]
+            return max([s for s in steps if storage.exists(f"{run}/checkpoint_{s:08d}/_COMPLETE")], default=0)
+
+        while last_committed() < 8 and first.poll() is None:
             assert time.time() < deadline, "the first run made no second checkpoint in 240 s"
             time.sleep(0.2)
-        assert first.poll() is None, "the run ended before it could be killed"
+        assert first.poll() is None, ("the run ended before it could be killed",
+                                      (tmp_path / "first.log").read_text()[-3000:])
     finally:
         first.kill()
         first.wait()
+        first_log.close()
     left = leftovers(tmp_path)
     assert any(p.startswith("hncl-metrics-") for p in left), left  # the kill did leave files behind
 
@@ -261,9 +269,14 @@ def test_unreachable_wrong_credentials_and_missing_bucket_are_one_line_each(faul
                 str(proxy.port), str(proxy.target[1]))},
              ["make-shards", "--num-samples", "8", "--out", "s3://no-such-bucket/set", "--quiet"],
              ["does not exist", "no-such-bucket"]),
+            ("no credentials at all", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                                       "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",
+                                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")},
+             [*pretrain, f"data.train_shards={shards}"], ["no AWS credentials found", f"{shards}/manifest.json"]),
         ]
         for what, extra, args, words in cases:
-            run, seconds = _cli(args, {**env, **extra}, tmp_path)
+            run_env = {k: v for k, v in {**env, **extra}.items() if v is not None}  # None: unset
+            run, seconds = _cli(args, run_env, tmp_path)
             lines = run.stderr.strip().splitlines()
             assert run.returncode == 1 and len(lines) == 1, (what, run.stderr[-3000:])
             assert all(w in lines[0] for w in words), (what, lines[0])
@@ -272,3 +285,164 @@ def test_unreachable_wrong_credentials_and_missing_bucket_are_one_line_each(faul
         proxy.mode = "pass"
         moto_auth.kill()
     assert leftovers(tmp_path) == []
+
+
+# --- credentials as real clusters have them ---------------------------------------------------
+def _signed_with(proxy):
+    """(access key ids, security tokens) of the requests the proxy saw."""
+    keys, tokens = set(), set()
+    for head in proxy.requests:
+        key = re.search(r"Credential=([^/]+)/", head)
+        token = re.search(r"\r\nx-amz-security-token: ([^\r]+)", head, re.I)
+        keys |= {key.group(1)} if key else set()
+        tokens |= {token.group(1).strip()} if token else set()
+    return keys, tokens
+
+
+PORTABLE = """
+import pickle, sys
+fs = pickle.load(open(sys.argv[1], "rb"))
+fs.pipe_file(sys.argv[2], b"from another process")
+"""
+
+
+def test_session_tokens_and_profiles_sign_every_request_here_and_in_another_process(faulty_s3, tmp_path,
+                                                                                  monkeypatch):
+    """Temporary credentials (STS, SSO, an assumed role) carry a session token that must go with
+    every request; a profile in the shared credentials file must be found; and the filesystem Ray's
+    controller unpickles (in a process without the driver's AWS variables) must carry them."""
+    import pickle
+
+    from hncl.raycluster import worker_env
+
+    proxy, bucket = faulty_s3
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-of-an-assumed-role")
+    storage.write_bytes(f"s3://{bucket}/sts/a", b"a")
+    assert storage.read_bytes(f"s3://{bucket}/sts/a") == b"a"
+    assert _signed_with(proxy) == ({"testing"}, {"token-of-an-assumed-role"})
+
+    with open(tmp_path / "pickled-fs", "wb") as f:
+        pickle.dump(storage.portable_s3_filesystem(f"s3://{bucket}/runs"), f)
+    proxy.requests.clear()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL_S3"}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "no-config"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-credentials"))
+    done = subprocess.run([sys.executable, "-c", PORTABLE, str(tmp_path / "pickled-fs"), f"{bucket}/sts/b"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _signed_with(proxy) == ({"testing"}, {"token-of-an-assumed-role"})
+
+    (tmp_path / "credentials").write_text("[research]\naws_access_key_id = AKIARESEARCH\n"
+                                          "aws_secret_access_key = research-secret\n")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "research")
+    proxy.requests.clear()
+    storage.write_bytes(f"s3://{bucket}/profile/a", b"p")
+    assert _signed_with(proxy) == ({"AKIARESEARCH"}, set())
+    assert {"AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"} <= set(worker_env())  # workers find the same
+
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(storage.MissingCredentials) as err:  # the profile is not on this host
+        storage.read_bytes(f"s3://{bucket}/profile/a")
+    assert "'research'" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.delenv("AWS_PROFILE")
+    with pytest.raises(storage.MissingCredentials) as err:  # none at all: one line, not botocore's traceback
+        storage.read_bytes(f"s3://{bucket}/profile/a")
+    assert "no AWS credentials found" in str(err.value) and f"s3://{bucket}/profile/a" in str(err.value)
+
+
+# --- slow readers, stalled bodies, lost answers --------------------------------------------------
+def test_reads_whose_body_stalls_after_the_headers_are_retried_until_the_deadline(faulty_s3, monkeypatch,
+                                                                                  caplog, tmp_path):
+    """The headers arrive, then the body stops: a read timeout after the call (aiobotocore's, a
+    TimeoutError too) is a transient failure retried until HNCL_S3_DEADLINE, for a whole object
+    (checkpoints, manifests), a download and a shard's ranged reads alike."""
+    proxy, bucket = faulty_s3
+    monkeypatch.setenv("HNCL_S3_READ_TIMEOUT", "1")
+    payload = os.urandom(100_000)
+    storage.write_bytes(f"s3://{bucket}/body/object", payload)
+    proxy.cut_after = 2000  # the headers and the start of the body
+    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+        with proxy.outage(2.5, "stall"):
+            time.sleep(0.1)
+            assert storage.read_bytes(f"s3://{bucket}/body/object") == payload
+        with proxy.outage(2.5, "stall"):
+            time.sleep(0.1)
+            storage.get_dir(f"s3://{bucket}/body", str(tmp_path / "got"))
+    assert (tmp_path / "got" / "object").read_bytes() == payload
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert any("(range)" in m for m in retried) and any("(download)" in m for m in retried)
+
+
+def test_a_shard_cut_long_after_it_was_opened_is_reopened_not_lost(faulty_s3, monkeypatch):
+    """A reader advances as fast as training consumes: its next block is fetched long after the
+    shard was opened. A cut then gets the whole HNCL_S3_DEADLINE, counted from the failure."""
+    import io
+    import tarfile
+
+    from hncl.data.shards import ShardSamples, SkipCounter
+    from hncl.s3 import ResilientS3FileSystem
+
+    proxy, bucket = faulty_s3
+    monkeypatch.setenv("HNCL_S3_DEADLINE", "2")
+    monkeypatch.setattr(ResilientS3FileSystem, "default_block_size", 32 * 1024)  # real shards: 50 MiB blocks
+    payloads = [os.urandom(20_000) for _ in range(10)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, data in enumerate(payloads):
+            info = tarfile.TarInfo(f"{i:06d}.bin")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    url = f"s3://{bucket}/late/shard-000000.tar"
+    storage.write_bytes(url, buf.getvalue())
+
+    class OneShard:
+        sample_counts, root = {url: 10}, f"s3://{bucket}/late"
+
+    counter = SkipCounter()
+    reader = ShardSamples(OneShard(), counter, stall_timeout_s=600)
+    got = []
+    for sample in reader.read(url):
+        got.append(sample["bin"])
+        if len(got) == 5:  # the consumer is busy for longer than the deadline; then the network cuts out
+            time.sleep(2.5)
+            proxy.cut_after, proxy.mode = 1000, "cut"
+            threading.Timer(0.8, lambda: setattr(proxy, "mode", "pass")).start()
+    assert got == payloads and counter.take() == {}
+
+
+def _s3_error(status: str, code: str) -> bytes:
+    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code}</Message></Error>'.encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
+def test_a_multipart_completion_whose_answer_was_lost_is_a_success(faulty_s3, tmp_path, caplog):
+    """Uploads of 2 chunks or more are multipart. S3 completes the upload, the answer is lost, and
+    S3 answers the retried completion "NoSuchUpload" (the upload is done: moto answers 200, so the
+    proxy answers as S3 does): the object in place is checked to be this upload (its ETag is the
+    MD5 of the parts' MD5s), so the upload succeeds. Another object at the key fails it."""
+    proxy, bucket = faulty_s3
+    payload = os.urandom(10 * 2**20 + 1)  # chunks of 5 MiB: 3 parts
+    local = tmp_path / "big.bin"
+    local.write_bytes(payload)
+    fs = storage.s3_filesystem()
+    completion = r"POST /\S+\?uploadId="
+    proxy.lose_answer_to, proxy.answer_next = completion, (completion, _s3_error("404 Not Found", "NoSuchUpload"))
+    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+        fs.put_file(str(local), f"{bucket}/big/object.bin", chunksize=5 * 2**20)
+    assert proxy.lose_answer_to is None and proxy.answer_next is None  # both faults were met
+    assert storage.read_bytes(f"s3://{bucket}/big/object.bin") == payload
+    assert any("its answer was lost, the object is in place" in r.getMessage() for r in caplog.records)
+
+    fs.pipe_file(f"{bucket}/big/other.bin", b"not this upload")  # the upload gone, something else there
+    proxy.answer_next = (completion, _s3_error("404 Not Found", "NoSuchUpload"))
+    with pytest.raises(Exception) as err:
+        fs.put_file(str(local), f"{bucket}/big/other.bin", chunksize=5 * 2**20)
+    assert "NoSuchUpload" in repr(err.value) + repr(err.value.__cause__) + repr(err.value.__context__)
+    assert storage.read_bytes(f"s3://{bucket}/big/other.bin") == b"not this upload"

@@ -37,14 +37,14 @@ def pretrain_local(cfg) -> dict:
 def _storage(output_dir: str):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. Ray's controller actor
     unpickles the filesystem in another process, whose environment may lack the AWS variables:
-    the instance carries what this process was configured with explicitly (hncl.storage)."""
+    the instance carries this process's credentials (hncl.storage.portable_s3_filesystem)."""
     if not output_dir.startswith("s3://"):
         return os.path.abspath(output_dir), None
     import pyarrow.fs
 
     from hncl import storage
 
-    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.s3_filesystem()))
+    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.portable_s3_filesystem(output_dir)))
 
 
 def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
