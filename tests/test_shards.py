@@ -347,3 +347,28 @@ def test_a_set_with_fewer_samples_than_readers_streams_on_every_reader(tmp_path)
     assert passed >= 2
     for epoch in range(passed):
         assert sorted(i for pairs in got.values() for i, e in pairs if e == epoch) == everything, epoch
+
+
+def test_time_the_consumer_spends_training_is_not_a_stall(serial_set, tmp_path):
+    """data.stall_timeout_s counts how long a reader waits for data, not how long training took
+    between two samples: a pause (a long checkpoint) longer than the timeout, then one missing
+    shard, is one missing shard; shards failing for longer than the timeout is a stall."""
+    from hncl.data.shards import DataStall, ShardSamples, SkipCounter
+
+    holes = tmp_path / "holes"
+    shutil.copytree(serial_set, holes)
+    os.remove(holes / "shard-000001.tar")
+    shards = ShardSet.open(str(holes))
+    counter = SkipCounter()
+    reader = ShardSamples(shards, counter, stall_timeout_s=0.5)
+    urls = sorted(shards.sample_counts)
+    got = [s["__key__"] for s in reader.read(urls[0])]
+    time.sleep(0.8)  # the consumer is busy with what it got
+    assert list(reader.read(urls[1])) == [] and counter.take() == {"missing shard": SHARD}
+    assert len(got) == SHARD and len(list(reader.read(urls[2]))) == SHARD
+
+    slow = ShardSamples(shards, SkipCounter(), stall_timeout_s=0.5)
+    with pytest.raises(DataStall, match="no sample arrived"):
+        for _ in range(3):  # waiting on failing shards (here: a slow endpoint) for longer than the timeout
+            list(slow.read(urls[1]))
+            time.sleep(0.3)

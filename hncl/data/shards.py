@@ -110,7 +110,7 @@ def _reason(exn: BaseException) -> str:
     """What a failure means for the data, in the words the counts and messages use."""
     if isinstance(getattr(exn, "reason", None), str):  # CorruptSample knows what it is
         return exn.reason
-    if isinstance(exn, storage.MissingObject):
+    if isinstance(exn, (storage.MissingObject, FileNotFoundError)):
         return "missing shard"
     if isinstance(exn, storage.StorageError):
         return {storage.Unreachable: "S3 unreachable", storage.AccessDenied: "S3 access denied",
@@ -135,8 +135,9 @@ class ShardSamples:
         self.root = shards.root
         self.counter = counter
         self.stall_timeout_s = stall_timeout_s
-        self._last_delivery: Optional[float] = None  # this reader's last delivered sample
+        self._last_delivery: Optional[float] = None  # since when this reader has been waiting for data
         self._failing: set = set()  # shards that failed in a row without delivering a sample
+        self._empty_reads = 0  # shards read in a row that delivered nothing
         self.last_failure: Optional[str] = None  # the last shard that delivered nothing, and why
 
     def _samples(self, url: str) -> Iterator[dict]:
@@ -149,10 +150,11 @@ class ShardSamples:
 
     def _read(self, url: str, progress: list) -> Iterator[dict]:
         """The shard's samples; a transient failure mid-read (a cut connection) reopens it and
-        skips what was delivered, until hncl.storage's deadline: nothing lost, nothing twice.
+        skips what was delivered: nothing lost, nothing twice. Failures in a row are retried for
+        HNCL_S3_DEADLINE from the first of them, not from the open: a reader advances only as fast
+        as training consumes, so its later requests come long after the open.
         progress[0] counts the samples delivered."""
-        deadline = time.monotonic() + storage.setting("HNCL_S3_DEADLINE")
-        delay = 0.5
+        failing_since, delivered_then, delay = None, -1, 0.5
         while True:
             try:
                 for i, sample in enumerate(self._samples(url)):
@@ -161,7 +163,10 @@ class ShardSamples:
                         yield sample
                 return
             except Exception as e:
+                if progress[0] != delivered_then:  # a new failure, after data flowed again
+                    failing_since, delivered_then, delay = time.monotonic(), progress[0], 0.5
                 final = isinstance(e, storage.StorageError) or not storage.is_transient(e)
+                deadline = failing_since + storage.setting("HNCL_S3_DEADLINE")
                 if final or not storage.is_remote(url) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("reading %s broke off after %d samples (%s): reopening", url, progress[0], e)
@@ -173,8 +178,8 @@ class ShardSamples:
         shard: the members before and between them are skipped, not decoded, and reading stops
         after the last). Each sample carries its index in the shard (`__index__`); what the shard
         fails to deliver of the share is counted as lost."""
-        if self._last_delivery is None:
-            self._last_delivery = time.monotonic()
+        if self._last_delivery is None or self._empty_reads == 0:
+            self._last_delivery = time.monotonic()  # asked for data now; not waiting before
         total = self.expected.get(url, 0) if wanted is None else len(wanted)
         last = None if wanted is None else (int(wanted[-1]) if len(wanted) else -1)
         keep = None if wanted is None else set(int(j) for j in wanted)
@@ -184,15 +189,18 @@ class ShardSamples:
                 if last is not None and j > last:
                     break
                 if keep is None or j in keep:
-                    self._last_delivery = time.monotonic()
                     delivered += 1
                     sample["__index__"] = j
                     yield sample
+                    # the consumer asks for more: only from now on is this reader waiting for data
+                    # (time spent training on what it had, a long checkpoint, is not a stall)
+                    self._last_delivery = time.monotonic()
                 if last is not None and j == last:
                     break
         except Exception as e:  # every failure is counted, named, and the stream goes on
             error = storage.explain(e, url, "reading") or e
         lost = total - delivered
+        self._empty_reads = 0 if delivered or (error is None and lost <= 0) else self._empty_reads + 1
         if error is None and lost <= 0:
             self._failing.clear()
             return
