@@ -4,40 +4,56 @@ A process killed from outside (SIGKILL, the OOM killer, a lost node's Ray worker
 what it had in the temp folder: a checkpoint being written, a restore download, a shard waiting
 for upload. The name says which process on which host made it, so the next hncl process on that
 host (every command, every Ray worker) removes what belongs to processes no longer running, and
-never what a running one uses, nor another host's (a temp folder shared over NFS).
+never what a running one uses, nor another host's (a temp folder shared over NFS): the host part
+is unique per boot and pid namespace, so a pid is only judged where it means the same process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
-import zlib
 from typing import List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^hncl-[a-z0-9_]+-([0-9a-f]{8})-(\d+)-")
+_NAME = re.compile(r"^hncl-[a-z0-9_]+-([0-9a-f]{16})-(\d+)-")
 
 
-def _host() -> str:
-    """This host, as its processes see it: the host name and the pid namespace (containers that
-    share a temp folder and a host name but not their pids are different hosts here)."""
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _host() -> Optional[str]:
+    """Who can judge whether a pid in a temp name still runs: this boot of this kernel (its random
+    boot id: two VMs, or two boots, never share one) and this pid namespace (containers sharing a
+    kernel and a temp folder do not share pids), with the machine id and host name. None where the
+    boot id cannot be read (not Linux): then nothing is ever swept, as no death can be proven."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    if not boot:
+        return None
     try:
         pid_namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
         pid_namespace = ""
-    return f"{zlib.crc32(f'{socket.gethostname()} {pid_namespace}'.encode()):08x}"
+    machine = _read("/etc/machine-id") or _read("/var/lib/dbus/machine-id")
+    who = f"{boot} {pid_namespace} {machine} {socket.gethostname()}"
+    return hashlib.blake2b(who.encode(), digest_size=8).hexdigest()
 
 
 def _prefix(kind: str) -> str:
     if not re.fullmatch(r"[a-z0-9_]+", kind):
         raise ValueError(f"temp file kind must be lower-case letters, digits or _: {kind!r}")
-    return f"hncl-{kind}-{_host()}-{os.getpid()}-"  # the pid now, not at import: Ray forks workers
+    return f"hncl-{kind}-{_host() or '0' * 16}-{os.getpid()}-"  # the pid now, not at import: Ray forks workers
 
 
 def mkdtemp(kind: str, dir: Optional[str] = None) -> str:
@@ -75,6 +91,8 @@ def sweep_orphans(folder: Optional[str] = None) -> List[str]:
     file that cannot be removed: it stays)."""
     folder = folder or tempfile.gettempdir()
     host, removed = _host(), []
+    if host is None:
+        return removed
     try:
         names = os.listdir(folder)
     except OSError:

@@ -32,7 +32,7 @@ def test_a_killed_process_leftovers_are_swept_and_nothing_in_use_is(tmp_path):
         killed.wait()
         ours = tempfiles.mkdtemp("restore", dir=str(tmp_path))  # this process: running
         host = tempfiles._host()
-        other = "0" * 8 if host != "0" * 8 else "1" * 8
+        other = "0" * 16 if host != "0" * 16 else "1" * 16
         foreign = [f"hncl-ckpt-{other}-{killed.pid}-abc",  # another host's (shared temp folder)
                    "hncl-ckpt-abc",  # not an hncl temp name: not ours to judge
                    f"notes-{host}-{killed.pid}-x.txt"]
@@ -52,3 +52,24 @@ def test_a_killed_process_leftovers_are_swept_and_nothing_in_use_is(tmp_path):
         alive.wait()
     assert sorted(tempfiles.sweep_orphans(str(tmp_path))) == sorted(alive_names)  # once it no longer runs
 
+
+
+def test_another_host_with_the_same_host_name_and_pids_is_never_swept(tmp_path, monkeypatch):
+    """Two VMs made from one image (same host name, same /etc/machine-id, the same initial pid
+    namespace) sharing an NFS temp folder differ only in their boot ids: a leftover of the other
+    one, under a pid that is dead here, is not this host's to remove. Where no boot id can be read,
+    no death can be proven and nothing is swept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    real_read = tempfiles._read
+    monkeypatch.setattr(tempfiles, "_read", lambda p: "boot-of-vm-b" if p.endswith("boot_id") else real_read(p))
+    theirs = f"hncl-ckpt-{tempfiles._host()}-{dead}-abc"
+    monkeypatch.setattr(tempfiles, "_read", lambda p: "boot-of-vm-a" if p.endswith("boot_id") else real_read(p))
+    ours = f"hncl-ckpt-{tempfiles._host()}-{dead}-abc"
+    assert ours != theirs
+    for name in (ours, theirs):
+        (tmp_path / name).mkdir()
+    assert tempfiles.sweep_orphans(str(tmp_path)) == [ours]
+    (tmp_path / ours).mkdir()
+    monkeypatch.setattr(tempfiles, "_read", lambda p: "" if p.endswith("boot_id") else real_read(p))
+    assert tempfiles.sweep_orphans(str(tmp_path)) == [] and sorted(os.listdir(tmp_path)) == sorted([ours, theirs])
