@@ -203,3 +203,35 @@ def test_ray_job_submit_runs_cluster_train_py_with_paths_relative_to_the_working
     assert [m["step"] for m in read_metrics(run_dir)] == [2, 4]
     used = load_config(os.path.join(run_dir, "config.yaml")).data.train_shards
     assert os.path.isabs(used) and used.endswith("/data/synth") and not used.startswith(str(work))
+
+
+def test_a_ray_resume_removes_the_checkpoint_folders_ray_never_committed(tmp_path):
+    """A 4-rank save of step 8 cut off by a failure left rank files in checkpoint_00000008; Ray
+    resumes from step 4 on 2 ranks. That folder must go before the run saves step 8 again (Ray
+    would merge the new files into it: 'has 4 slices for world size 2' on the next restore);
+    committed checkpoints stay."""
+    import ray.train
+
+    from hncl.train.session import RaySession, checkpoint_name
+
+    run = tmp_path / "run"
+    for step, ranks in ((4, 2), (8, 4)):
+        folder = run / checkpoint_name(step)
+        folder.mkdir(parents=True)
+        for r in range(ranks):
+            (folder / f"queue_rank{r}.pt").write_bytes(b"%d" % step)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files are not ours
+
+    class Train:  # what ray.train.get_checkpoint hands a restarted worker: the last committed one
+        Checkpoint = ray.train.Checkpoint
+
+        @staticmethod
+        def get_checkpoint():
+            return ray.train.Checkpoint(str(run / checkpoint_name(4)))
+
+    session = RaySession.__new__(RaySession)
+    super(RaySession, session).__init__(str(run))
+    session._train = Train
+    with session.restored() as folder:
+        assert sorted(os.listdir(folder)) == ["queue_rank0.pt", "queue_rank1.pt"]
+    assert sorted(os.listdir(run)) == [checkpoint_name(4), "checkpoint_manager_snapshot.json"]

@@ -27,11 +27,29 @@ from hncl import dist as hdist
 from hncl import storage, tempfiles
 
 COMPLETE = "_COMPLETE"
+log = logging.getLogger(__name__)
 _CKPT = re.compile(r"^checkpoint_(\d{8})$")
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
+
+
+def step_of(path: str) -> Optional[int]:
+    m = _CKPT.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else None
+
+
+def discard_after(run_dir: str, step: Optional[int]) -> None:
+    """Remove the checkpoint folders of `run_dir` after `step` (all of them for None): Ray Train
+    resumes from its latest committed checkpoint, so a later folder is one it never committed (a
+    save cut off by a failure). Left there, the run's next save to that name would be merged into
+    it by Ray (stale rank files of another world size, say) and fail the restore after it."""
+    for name in storage.listdir(run_dir):
+        later = step_of(name)
+        if later is not None and (step is None or later > step):
+            log.info("removing %s: a checkpoint Ray Train never committed", storage.join(run_dir, name))
+            storage.remove(storage.join(run_dir, name), recursive=True)
 
 
 class Session(abc.ABC):
@@ -89,6 +107,9 @@ class RaySession(Session):
 
     def restore_dir(self) -> Optional[str]:
         ckpt = self._train.get_checkpoint()
+        if self.rank == 0:
+            discard_after(self.run_dir, step_of(ckpt.path) if ckpt is not None else None)
+        self.barrier()  # no rank saves into a folder before it is gone
         if ckpt is None:
             return None
         # a folder of our own: ranks on one node must not share (and overwrite) a download that
