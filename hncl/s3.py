@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class ResilientS3FileSystem(s3fs.S3FileSystem):
-    """s3fs whose every S3 call retries transient failures (hncl.storage.is_transient) with
-    backoff until HNCL_S3_DEADLINE, each attempt bounded by what is left of it."""
+    """s3fs whose every S3 call, and every read of a body after its call, retries transient
+    failures (hncl.storage.is_transient) with backoff until HNCL_S3_DEADLINE, each attempt
+    bounded by what is left of it."""
 
     retries = 2  # s3fs's own quick retries inside each attempt (cut bodies, a dropped connection)
 
