@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
 from hncl import tempfiles
-from hncl.config import load_config, to_yaml
+from hncl.config import ConfigError, load_config, to_yaml
 from hncl.errors import one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
 
@@ -86,7 +87,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from hncl import preflight
 
     cfg = load_config(args.config, args.overrides)
-    preflight.pretrain(cfg)
+    preflight.pretrain(cfg, debug=args.debug)
     from hncl.train.launch import pretrain_local, pretrain_ray
 
     if args.debug:
@@ -157,10 +158,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hncl.demo import run_demo
+    from hncl.demo import parse_seeds, run_demo, run_seeds
 
-    from hncl.demo import parse_seeds, run_seeds
+    from hncl.errors import InputError
 
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    if args.identities and min(args.identities) < 1:
+        raise InputError(f"--identities must be >= 1 each (train, test), got {' '.join(map(str, args.identities))}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     options = dict(quick=args.quick, debug=args.debug, steps=args.steps,
                    identities=tuple(args.identities) if args.identities else None)
     if args.seeds:
@@ -294,6 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         cause = user_error_in(e)
         if cause is None:
             raise
+        if isinstance(cause, ConfigError) and os.environ.get("TORCHELASTIC_RUN_ID") and \
+                os.environ.get("RANK", "0") != "0":
+            return 1  # every torchrun rank refuses the same config: rank 0's line says it once
         message = one_line(cause)
         if not message.startswith("config error"):
             message = f"error: {message}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -100,9 +101,12 @@ class MethodConfig:
 
 @dataclass
 class DescriptorConfig:
-    resolution: int = 16  # R: heatmaps are stored pooled to 68 x R x R (uint8)
-    inner_only: bool = True  # drop the 17 jaw-line points, which carry face shape (identity)
-    dim: int = 64  # Dh after the PCA projection (64 keeps all the neighbour purity of 256: docs/HEATMAPS.md)
+    # The heatmap descriptor is fitted once per shard set, when it is built (hncl make-shards
+    # --resolution, --all-points, --descriptor-dim): a run uses the set's. null: whatever the set
+    # has; a value: what the run expects of the set, refused when the set differs (never replaced).
+    resolution: Optional[int] = None  # R: heatmaps are stored pooled to 68 x R x R (uint8); make-shards: 16
+    inner_only: Optional[bool] = None  # drop the 17 jaw-line points (face shape = identity); make-shards: true
+    dim: Optional[int] = None  # Dh after the PCA projection; make-shards: 64 (as pure as 256: docs/HEATMAPS.md)
 
 
 @dataclass
@@ -263,6 +267,19 @@ def _check_renamed(tree: Any, source: str) -> None:
             raise ConfigError(f"config error: {message} [{source}]")
 
 
+def _check_sections(tree: Any, source: str) -> None:
+    """A config is a mapping of sections, each a mapping of settings: anything else would fail
+    inside OmegaConf's merge, with a traceback or without the key."""
+    if not isinstance(tree, DictConfig):
+        raise ConfigError(f"config error: {source} must be a mapping of sections (model:, method:, data:, ...), "
+                          f"not a {'list' if OmegaConf.is_list(tree) else type(tree).__name__}")
+    for key in tree:
+        node = tree._get_node(key)
+        if _node_class(str(key)) is not None and not isinstance(node, DictConfig) and not node._is_none():
+            raise ConfigError(f"config error: {key}={node._value()!r}: must be a section of settings "
+                              f"({key}.NAME: value), not a single value [{source}]")
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
@@ -321,6 +338,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"config error: cannot parse {path}: {str(e).splitlines()[0]}") from None
+        _check_sections(file_cfg, path)
         _check_renamed(file_cfg, path)
         cfg = _merge(cfg, file_cfg, path)
     bad = [o for o in overrides if "=" not in o]
@@ -331,6 +349,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             dot = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"config error: cannot parse overrides: {e}") from None
+        _check_sections(dot, "command line")
         _check_renamed(dot, "command line")
         cfg = _merge(cfg, dot, "command line")
     resolve_paths(cfg)
@@ -344,64 +363,158 @@ def _check(cond: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"config error: {key}={value!r}: {rule}")
 
 
+def _check_finite(cfg: DictConfig) -> None:
+    """Every float setting is a finite number: `inf` passes `> 0` (a learning rate, a timeout)
+    and `nan` fails every comparison with a message about the range, not the value."""
+    for section in fields(Config):
+        for f in fields(_node_class(section.name)):
+            x = cfg[section.name][f.name]
+            if isinstance(x, float):
+                _check(math.isfinite(x), f"{section.name}.{f.name}", x, "must be a finite number")
+
+
+def _check_run_name(name: str) -> None:
+    # run.name is one folder inside run.output_dir: '../x', 'a/b' or '/abs' would write elsewhere
+    _check(bool(name) and name == name.strip() and name not in (".", "..") and "/" not in name and "\\" not in name
+           and not any(ord(c) < 32 for c in name), "run.name", name,
+           "must be one folder name inside run.output_dir: not empty, no '/' or '\\', not '.' or '..', no leading "
+           "or trailing spaces")
+
+
+def world_size(cfg: DictConfig) -> tuple:
+    """(ranks, where that number comes from) for the run this process belongs to: torchrun's
+    WORLD_SIZE when it started this process (`torchrun ... hncl.cli pretrain --debug`, one rank
+    per process), else dist.num_workers (Ray Train's workers)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("WORLD_SIZE", "").isdigit() and \
+            int(os.environ["WORLD_SIZE"]) >= 1:
+        return int(os.environ["WORLD_SIZE"]), "torchrun's WORLD_SIZE"
+    return int(cfg.dist.num_workers), "dist.num_workers"
+
+
+def check_ranks(cfg: DictConfig, ranks: int, source: str, global_batch: Optional[int] = None) -> None:
+    """Rules on values derived from the number of ranks the run is split over (`source` says
+    where that number comes from). global_batch: the run's, when known (a resume keeps its
+    checkpoint's); else data.global_batch_size, or data.batch_size x ranks."""
+    me, d = cfg.method, cfg.data
+    plural = "s" if ranks != 1 else ""
+    _check(me.queue_size % ranks == 0, "method.queue_size", me.queue_size,
+           f"must be divisible by the run's {ranks} rank{plural} ({source}): each rank holds Q/W slots")
+    if d.global_batch_size is not None:
+        _check(d.global_batch_size % ranks == 0, "data.global_batch_size", d.global_batch_size,
+               f"must be divisible by the run's {ranks} rank{plural} ({source}): each rank takes an equal share")
+    batch = global_batch or d.global_batch_size or d.batch_size * ranks
+    how = "" if global_batch or d.global_batch_size else \
+        f" (data.batch_size={d.batch_size} x {ranks} rank{plural}, {source})"
+    # a face has batch - 1 others in the global batch: more neighbours cannot be found (they were cut)
+    _check(me.name != "hncl" or me.batch_neighbours < batch, "method.batch_neighbours", me.batch_neighbours,
+           f"must be < the global batch of {batch} samples{how}: each face has only the others of its batch "
+           f"as neighbours")
+    # the fault would never fire on a rank the run does not have
+    _check(cfg.run.fail_at_step is None or cfg.run.fail_rank < ranks, "run.fail_rank", cfg.run.fail_rank,
+           f"must be < the run's {ranks} rank{plural} ({source}) when run.fail_at_step is set")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Range and cross-field rules OmegaConf's types cannot express."""
+    """Range and cross-field rules OmegaConf's types cannot express, for every field where a range
+    is obvious (enums and booleans are checked by OmegaConf; paths may name anything). Each
+    refusal is one line naming the field (`config error: key=value: rule`)."""
+    _check_finite(cfg)
     m, me, d = cfg.model, cfg.method, cfg.descriptor
+    # model (arch, stem: enums; init_weights: a path; sync_bn: below)
     _check(m.width >= 8, "model.width", m.width, "must be >= 8")
     _check(m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "allowed values: 2, 3")
     for k in ("proj_hidden", "proj_out", "pred_hidden"):
         _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
+    # method
     from hncl.methods import METHODS
 
     _check(me.name in METHODS, "method.name", me.name, f"allowed values: {', '.join(METHODS)}")
     _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
-    _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
-    _check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
+    _check(me.nn_weight >= 0, "method.nn_weight", me.nn_weight, "must be >= 0")
     _check(me.nn_weight > 0 or me.name != "hncl", "method.nn_weight", me.nn_weight,
            "must be > 0 for method.name=hncl (hncl without its heatmap terms is method.name=simclr)")
+    _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
+    _check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
+    # without in-batch neighbours there is nothing to exclude: the setting would do nothing
+    _check(not me.exclude_neighbours or me.batch_neighbours >= 1 or me.name != "hncl", "method.exclude_neighbours",
+           True, "needs method.batch_neighbours >= 1 (it keeps the in-batch neighbours out of the negatives)")
     _check(me.queue_size >= 1, "method.queue_size", me.queue_size, "must be >= 1")
-    _check(me.queue_size % cfg.dist.num_workers == 0, "method.queue_size", me.queue_size,
-           f"must be divisible by dist.num_workers={cfg.dist.num_workers} (each rank holds Q/W slots)")
-    _check(d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,
-           "allowed values: 4, 8, 16, 32, 64 (divisors of the 64x64 heatmap)")
-    _check(d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1")
-    _check(cfg.data.image_size >= 16, "data.image_size", cfg.data.image_size, "must be >= 16")
-    _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
-    _check(cfg.data.global_batch_size is None or cfg.data.global_batch_size >= 1, "data.global_batch_size",
-           cfg.data.global_batch_size, "must be >= 1 (or null: batch_size x ranks)")
-    _check(cfg.data.steps_per_epoch is None or cfg.data.steps_per_epoch >= 1, "data.steps_per_epoch",
-           cfg.data.steps_per_epoch, "must be >= 1 (or null: one pass over the set)")
-    _check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
-    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", cfg.data.shuffle_buffer, "must be >= 1")
-    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, "must be >= 0")
-    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _check(cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, "must be >= 1")
-    _check(cfg.dist.num_workers >= 1, "dist.num_workers", cfg.dist.num_workers, "must be >= 1")
-    _check(cfg.dist.node_wait_s > 0, "dist.node_wait_s", cfg.dist.node_wait_s,
+    # the whole queue holds queue_size entries: more neighbours than that cannot be found (they were cut)
+    _check(me.topk <= me.queue_size, "method.topk", me.topk,
+           f"must be <= method.queue_size={me.queue_size} (the neighbours are entries of the queue)")
+    # descriptor: null = the shard set's; a value must match the set's (checked against the set in
+    # hncl.preflight.pretrain, before anything is written)
+    _check(d.resolution is None or d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,
+           "allowed values: 4, 8, 16, 32, 64 (divisors of the 64x64 heatmap), or null (the shard set's)")
+    _check(d.dim is None or d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1 (or null: the shard set's)")
+    # data (train_shards: a path; augment_on: an enum)
+    da = cfg.data
+    _check(da.image_size >= 16, "data.image_size", da.image_size, "must be >= 16")
+    _check(da.batch_size >= 1, "data.batch_size", da.batch_size, "must be >= 1")
+    _check(da.loader_workers >= 0, "data.loader_workers", da.loader_workers, "must be >= 0")
+    _check(da.shuffle_buffer >= 1, "data.shuffle_buffer", da.shuffle_buffer, "must be >= 1")
+    _check(da.global_batch_size is None or da.global_batch_size >= 1, "data.global_batch_size",
+           da.global_batch_size, "must be >= 1 (or null: batch_size x ranks)")
+    _check(da.steps_per_epoch is None or da.steps_per_epoch >= 1, "data.steps_per_epoch",
+           da.steps_per_epoch, "must be >= 1 (or null: one pass over the set)")
+    _check(0 < da.min_crop_scale <= 1, "data.min_crop_scale", da.min_crop_scale, "must be in (0, 1]")
+    _check(0 <= da.colour <= 1, "data.colour", da.colour, "must be in [0, 1]")
+    _check(0 <= da.hue <= 0.5, "data.hue", da.hue, "must be in [0, 0.5]")
+    _check(0 <= da.grayscale <= 1, "data.grayscale", da.grayscale, "must be in [0, 1]")
+    _check(0 <= da.max_skip_fraction <= 1, "data.max_skip_fraction", da.max_skip_fraction, "must be in [0, 1]")
+    _check(da.stall_timeout_s > 0, "data.stall_timeout_s", da.stall_timeout_s, "must be > 0")
+    # optim (name: an enum; scale_lr: a boolean)
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    # a run that ends inside its warm-up never reaches optim.lr
+    _check(o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs,
+           f"must be <= optim.epochs={o.epochs} (the warm-up is part of the run)")
+    _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip,
+           "must be > 0 (a gradient-norm bound), or null: no clipping")
+    # dist (strategy, precision, placement: enums; use_gpu: a boolean)
+    di = cfg.dist
+    _check(di.num_workers >= 1, "dist.num_workers", di.num_workers, "must be >= 1")
+    _check(di.zero_stage in (0, 1, 2), "dist.zero_stage", di.zero_stage, "allowed values: 0, 1, 2")
+    _check(di.max_failures >= 0, "dist.max_failures", di.max_failures,
+           "must be >= 0 (restarts after a failure; Ray's -1, retry forever, is not offered)")
+    _check(di.cpus_per_worker >= 1, "dist.cpus_per_worker", di.cpus_per_worker, "must be >= 1")
+    _check(di.node_wait_s > 0, "dist.node_wait_s", di.node_wait_s,
            "must be > 0 (seconds to wait for a lost node; Ray's wait-forever is not offered)")
-    _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage, "allowed values: 0, 1, 2")
-    _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, "must be >= 1")
-    _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", cfg.run.checkpoint_every, "must be >= 1")
-    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", cfg.run.keep_checkpoints, "must be >= 1")
-    _check(0 <= cfg.data.max_skip_fraction <= 1, "data.max_skip_fraction", cfg.data.max_skip_fraction,
-           "must be in [0, 1]")
-    _check(cfg.data.stall_timeout_s > 0, "data.stall_timeout_s", cfg.data.stall_timeout_s, "must be > 0")
-    _check(0 <= cfg.data.colour <= 1, "data.colour", cfg.data.colour, "must be in [0, 1]")
-    _check(0 <= cfg.data.hue <= 0.5, "data.hue", cfg.data.hue, "must be in [0, 0.5]")
-    _check(0 <= cfg.data.grayscale <= 1, "data.grayscale", cfg.data.grayscale, "must be in [0, 1]")
-    _check(0 < cfg.data.min_crop_scale <= 1, "data.min_crop_scale", cfg.data.min_crop_scale, "must be in (0, 1]")
+    # run (output_dir: a path or URL; record_sample_ids: a boolean)
+    r = cfg.run
+    _check_run_name(r.name)
+    _check(bool(r.output_dir), "run.output_dir", r.output_dir, "must name a folder or an s3:// URL")
+    _check(0 <= r.seed < 2**32, "run.seed", r.seed, "must be in [0, 2**32)")
+    _check(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
+    _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "must be >= 1")
+    _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
+    _check(r.fail_at_step is None or r.fail_at_step >= 1, "run.fail_at_step", r.fail_at_step,
+           "must be >= 1 (a step number), or null: no fault injection")
+    _check(r.fail_rank >= 0, "run.fail_rank", r.fail_rank, "must be >= 0")
+    # finetune (shard sets, init, checkpoint: paths; protocol, knn_index: enums; class_balanced: a boolean)
     ft = cfg.finetune
     _check(ft.num_classes in (7, 8), "finetune.num_classes", ft.num_classes, "allowed values: 7, 8")
     _check(ft.epochs >= 1, "finetune.epochs", ft.epochs, "must be >= 1")
-    _check(ft.knn_k >= 1, "finetune.knn_k", ft.knn_k, "must be >= 1")
+    _check(ft.batch_size >= 1, "finetune.batch_size", ft.batch_size, "must be >= 1")
     _check(ft.lr > 0, "finetune.lr", ft.lr, "must be > 0")
-    _check(cfg.dist.strategy == Strategy.deepspeed or cfg.dist.zero_stage == 0, "dist.zero_stage",
-           cfg.dist.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
+    _check(ft.encoder_lr_scale >= 0, "finetune.encoder_lr_scale", ft.encoder_lr_scale, "must be >= 0")
+    _check(ft.weight_decay >= 0, "finetune.weight_decay", ft.weight_decay, "must be >= 0")
+    _check(0 <= ft.label_smoothing < 1, "finetune.label_smoothing", ft.label_smoothing, "must be in [0, 1)")
+    _check(ft.knn_k >= 1, "finetune.knn_k", ft.knn_k, "must be >= 1")
+    _check(ft.knn_temperature > 0, "finetune.knn_temperature", ft.knn_temperature, "must be > 0")
     # combinations that cannot run: refused here, before any worker starts
-    _check(cfg.dist.precision != Dtype.float64, "dist.precision", "float64",
+    _check(di.strategy == Strategy.deepspeed or di.zero_stage == 0, "dist.zero_stage",
+           di.zero_stage, "ZeRO stages need dist.strategy=deepspeed")
+    _check(di.precision != Dtype.float64, "dist.precision", "float64",
            "allowed values: float32, bfloat16, float16 (float64 is for method.queue_dtype)")
-    _check(not (m.sync_bn and cfg.dist.strategy == Strategy.deepspeed), "model.sync_bn", True,
+    _check(not (m.sync_bn and di.strategy == Strategy.deepspeed), "model.sync_bn", True,
            "SyncBatchNorm is for dist.strategy=ddp; DeepSpeed keeps per-rank BatchNorm")
+    # the queue and the global batch are split over the ranks the run has
+    check_ranks(cfg, *world_size(cfg))
 
 
 def run_dir(cfg: DictConfig) -> str:

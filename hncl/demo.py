@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from hncl.config import load_config
+from hncl.errors import InputError
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 METHODS = {  # demo name -> method settings (everything else is shared: configs/demo.yaml)
@@ -135,6 +136,8 @@ def parse_seeds(text: str) -> List[int]:
     seeds: List[int] = []
     for part in text.split(","):
         a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()) or (b and int(b) < int(a)):
+            raise InputError(f"--seeds {text}: '{part}' is not a seed or an ascending range A-B (e.g. 0-4 or 1,5,7)")
         seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
     return seeds
 

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from hncl import storage
-from hncl.config import ConfigError, run_dir
+from hncl.config import ConfigError, check_ranks, run_dir, world_size
 from hncl.errors import InputError
 
 
@@ -40,16 +40,85 @@ def weights_file(path: Optional[str], field: str) -> None:
         raise InputError(f"{field}: weights file not found: {path}{_where_hint(path)}")
 
 
-def pretrain(cfg) -> None:
-    shard_set(cfg.data.train_shards, "data.train_shards")
+def encoder_weights(cfg) -> None:
+    """model.init_weights is read into the encoder once here: a file that is no state dict, or
+    one for another arch or width, is refused before the run directory exists."""
+    path = cfg.model.init_weights
+    if not path or path == "none" or storage.is_remote(path):
+        return
+    from hncl.config import value
+    from hncl.model import ResNetEncoder, WeightsError, load_encoder_weights
+
+    try:
+        load_encoder_weights(ResNetEncoder(value(cfg.model.arch), width=cfg.model.width,
+                                           stem=value(cfg.model.stem)), path)
+    except WeightsError as e:
+        raise InputError(f"model.init_weights: {e}") from None
+
+
+def output_dir(cfg) -> None:
+    """The run directory can be made where run.output_dir says (local paths; S3 is checked by
+    the first write): no file in the way, the nearest existing folder writable."""
+    folder = run_dir(cfg)
+    if storage.is_remote(folder):
+        return
+    path = folder
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"config error: run.output_dir={cfg.run.output_dir!r}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"config error: run.output_dir={cfg.run.output_dir!r}: {path} is not writable")
+
+
+def descriptor_matches(cfg, shards) -> None:
+    """Each descriptor.* the config sets is the shard set's: the descriptor was fitted when the set
+    was built, and a run cannot use another one (it used to replace the config's silently)."""
+    spec = shards.manifest.get("descriptor") or shards.descriptor().spec()
+    options = {"resolution": "--resolution", "inner_only": "--all-points", "dim": "--descriptor-dim"}
+    for key, option in options.items():
+        want, have = cfg.descriptor[key], spec[key]
+        if want is not None and want != have:
+            have = str(have).lower() if isinstance(have, bool) else have  # as YAML writes it
+            raise ConfigError(f"config error: descriptor.{key}={want!r}: the shard set {shards.root} was built with "
+                              f"{key}={have} (hncl make-shards {option}); set descriptor.{key}={have} or null "
+                              f"(the set's), or build the set again")
+
+
+def ranks(cfg, debug: bool) -> tuple:
+    """(ranks, where that number comes from) of `hncl pretrain`: one process (or one rank per
+    torchrun process) with --debug, else dist.num_workers Ray Train workers."""
+    ranks_, source = world_size(cfg)
+    if debug and source == "dist.num_workers":  # not under torchrun: this process alone
+        return 1, "--debug: one process"
+    return ranks_, source
+
+
+def pretrain(cfg, debug: bool = False) -> None:
+    """Before anything is written: the inputs exist, and the settings derived from them and from
+    the run's real number of ranks can be honoured."""
+    shards = shard_set(cfg.data.train_shards, "data.train_shards")
+    descriptor_matches(cfg, shards)
+    check_ranks(cfg, *ranks(cfg, debug))
     weights_file(cfg.model.init_weights, "model.init_weights")
+    encoder_weights(cfg)
+    output_dir(cfg)
+
+
+def knn_fits(cfg, train) -> None:
+    # the kNN vote takes its neighbours from the train set: more than it holds would be cut
+    k, n = cfg.finetune.knn_k, train.num_samples
+    if k > n:
+        raise ConfigError(f"config error: finetune.knn_k={k}: must be <= the {n} samples of finetune.train_shards "
+                          f"({train.root})")
 
 
 def finetune(cfg) -> None:
     ft = cfg.finetune
-    shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set")
+    knn_fits(cfg, shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set"))
     shard_set(ft.test_shards, "finetune.test_shards", "a labelled shard set")
     weights_file(ft.init, "finetune.init")
+    output_dir(cfg)
 
 
 def evaluate(cfg) -> None:
@@ -57,8 +126,9 @@ def evaluate(cfg) -> None:
     if not ft.checkpoint:
         raise ConfigError("config error: finetune.checkpoint is not set (a folder with classifier.safetensors "
                           "from hncl finetune)")
-    shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set, for the kNN evaluation")
+    knn_fits(cfg, shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set, for the kNN evaluation"))
     shard_set(ft.test_shards, "finetune.test_shards", "a labelled shard set")
+    output_dir(cfg)
 
 
 def own_run_dir(cfg, command: str) -> None:

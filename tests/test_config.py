@@ -54,6 +54,139 @@ def test_bad_config_names_the_field(overrides, must_contain):
         assert part in msg
 
 
+# Every field with an obvious range, and every value derived from others (issue #22): each bad
+# setting is one line naming the field. (overrides on configs/debug.yaml, the field the line names)
+BAD_SETTINGS = [
+    (["data.steps_per_epoch=-5"], "data.steps_per_epoch"),
+    (["run.name=../../escaped"], "run.name"),
+    (["run.name=a/b"], "run.name"),
+    (["run.name=.."], "run.name"),
+    (["run.name=/abs"], "run.name"),
+    (["run.name=a\\b"], "run.name"),
+    (["run.output_dir=''"], "run.output_dir"),
+    (["optim.warmup_epochs=-3"], "optim.warmup_epochs"),
+    (["optim.warmup_epochs=3", "optim.epochs=2"], "optim.warmup_epochs"),
+    (["optim.momentum=7"], "optim.momentum"),
+    (["optim.momentum=1"], "optim.momentum"),
+    (["optim.weight_decay=-1"], "optim.weight_decay"),
+    (["optim.grad_clip=0"], "optim.grad_clip"),
+    (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["data.shuffle_buffer=-5"], "data.shuffle_buffer"),
+    (["data.stall_timeout_s=.inf"], "data.stall_timeout_s"),
+    (["dist.cpus_per_worker=0"], "dist.cpus_per_worker"),
+    (["dist.max_failures=-1"], "dist.max_failures"),
+    (["dist.node_wait_s=inf"], "dist.node_wait_s"),
+    (["finetune.batch_size=0"], "finetune.batch_size"),
+    (["finetune.encoder_lr_scale=-0.1"], "finetune.encoder_lr_scale"),
+    (["finetune.weight_decay=-1"], "finetune.weight_decay"),
+    (["finetune.label_smoothing=1"], "finetune.label_smoothing"),
+    (["finetune.label_smoothing=-0.1"], "finetune.label_smoothing"),
+    (["finetune.knn_temperature=0"], "finetune.knn_temperature"),
+    (["run.seed=-1"], "run.seed"),
+    (["run.fail_rank=-1"], "run.fail_rank"),
+    (["run.fail_at_step=0"], "run.fail_at_step"),
+    (["run.fail_at_step=5", "run.fail_rank=1"], "run.fail_rank"),  # one rank: the fault would never fire
+    (["method.nn_weight=-1", "method.name=simclr"], "method.nn_weight"),
+    (["method.batch_neighbours=0", "method.exclude_neighbours=true"], "method.exclude_neighbours"),
+    (["descriptor.dim=0"], "descriptor.dim"),
+    # derived values that used to be cut silently: now refused
+    (["method.batch_neighbours=500"], "method.batch_neighbours"),  # global batch 32
+    (["method.batch_neighbours=64", "dist.num_workers=2"], "method.batch_neighbours"),  # = 2 x 32
+    (["method.batch_neighbours=8", "data.global_batch_size=8"], "method.batch_neighbours"),
+    (["method.topk=5000"], "method.topk"),  # queue 1024
+    (["data.global_batch_size=30", "dist.num_workers=4"], "data.global_batch_size"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_SETTINGS)
+def test_every_bad_setting_is_one_line_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/debug.yaml", overrides)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"config error: {field}="), msg
+
+
+def test_the_queue_is_split_over_torchruns_world_size_not_dist_num_workers(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"^config error: method\.queue_size=1024: .*3 ranks \(torchrun's "):
+        load_config("configs/debug.yaml", ["dist.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"^config error: method\.batch_neighbours=5: .*global batch of 3 samples"):
+        load_config("configs/debug.yaml", ["data.batch_size=1", "method.queue_size=3"])
+    assert load_config("configs/debug.yaml", ["method.queue_size=1023"]).method.queue_size == 1023
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    from hncl.data.make_shards import ShardJob, make_shards
+
+    out = tmp_path_factory.mktemp("cfg") / "set"
+    job = ShardJob(source="synthetic", out=str(out), source_options=(("num_samples", 16), ("seed", 0), ("size", 32)),
+                   image_size=32)
+    make_shards(job, shard_size=8, descriptor_dim=8, progress=False, log=lambda *_: None)
+    return str(out)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["descriptor.dim=999"], "descriptor.dim"),  # used to be replaced by the set's 8
+    (["descriptor.resolution=8"], "descriptor.resolution"),
+    (["descriptor.inner_only=false"], "descriptor.inner_only"),
+    # --debug is one process: a global batch of 4, not the 8 of two Ray workers
+    (["dist.num_workers=2", "method.batch_neighbours=5"], "method.batch_neighbours"),
+])
+def test_settings_the_shard_set_or_the_real_ranks_cannot_honour_are_refused(tiny_set, overrides, field):
+    from hncl import preflight
+
+    cfg = load_config("configs/debug.yaml", [f"data.train_shards={tiny_set}", "data.batch_size=4",
+                                             "method.batch_neighbours=3", *overrides])
+    with pytest.raises(ConfigError) as err:
+        preflight.pretrain(cfg, debug=True)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"config error: {field}="), str(err.value)
+
+
+def test_the_shard_sets_descriptor_is_used_when_the_config_leaves_it_unset(tiny_set):
+    from hncl import preflight
+
+    cfg = load_config("configs/debug.yaml", [f"data.train_shards={tiny_set}", "data.batch_size=8"])
+    assert cfg.descriptor.dim is None
+    preflight.pretrain(cfg, debug=True)
+    preflight.pretrain(load_config("configs/debug.yaml", [f"data.train_shards={tiny_set}", "descriptor.dim=8"]),
+                       debug=True)
+    with pytest.raises(ConfigError, match=r"^config error: finetune\.knn_k=20: must be <= the 16 samples"):
+        preflight.finetune(load_config("configs/debug.yaml", [f"finetune.train_shards={tiny_set}",
+                                                              f"finetune.test_shards={tiny_set}"]))
+
+
+@pytest.mark.parametrize("overrides, env, starts", [
+    (["run.name=../../escaped"], {}, "config error: run.name="),
+    (["method.topk=2000"], {}, "config error: method.topk="),
+    (["dist.max_failures=-1"], {}, "config error: dist.max_failures="),
+    ([], {"TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
+     "config error: method.queue_size="),
+    (["descriptor.dim=999"], {}, "config error: descriptor.dim="),
+    (["run.output_dir=a_file"], {}, "config error: run.output_dir="),
+    (["model.init_weights=a_file"], {}, "error: model.init_weights: cannot read weights"),
+])
+def test_cli_refuses_a_bad_setting_in_one_line_and_writes_nothing(overrides, env, starts, tiny_set, tmp_path):
+    """`hncl pretrain` exits 1 with one line naming the field, before any run directory exists."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "runs" / "here"
+    (tmp_path / "a_file").write_text("not a folder, nor weights")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    config = os.path.join(root, "configs", "debug.yaml")
+    run = subprocess.run([sys.executable, "-m", "hncl.cli", "pretrain", "--config", config, "--debug",
+                          f"data.train_shards={tiny_set}", f"run.output_dir={out}", *overrides],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TORCHELASTIC"))},
+                              **env})
+    assert run.returncode == 1, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hncl pretrain: {starts}"), lines
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # no run directory, nothing escaped
+    assert not os.path.exists(tmp_path.parent / "escaped") and not (tmp_path / "escaped").exists()
+
+
 def test_bad_key_in_yaml_file_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("method:\n  lambda: 2\n")
@@ -160,3 +293,24 @@ def test_every_cli_error_a_user_can_cause_is_one_line_and_exit_1(argv, must_cont
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hncl {argv[0]}: ") and must_contain.format(cwd=tmp_path) in lines[0], lines
     assert "Traceback" not in run.stderr and "ray" not in run.stderr.lower()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["make-shards", "--num-samples", "-3"], "--num-samples must be >= 1"),
+    (["make-shards", "--descriptor-dim", "0"], "--descriptor-dim must be >= 1"),
+    (["make-shards", "--workers", "0"], "--workers must be >= 1"),
+    (["make-shards", "--max-skip-fraction", "2"], "--max-skip-fraction must be in [0, 1]"),
+    (["make-shards", "--readers", "0"], "--readers must be >= 1"),
+    (["make-shards", "--seed", "-1"], "--seed must be >= 0"),
+    (["demo", "--steps", "0"], "--steps must be >= 1"),
+    (["demo", "--identities", "0", "3"], "--identities must be >= 1"),
+    (["demo", "--seeds", "5-2"], "--seeds 5-2"),
+])
+def test_command_flags_out_of_range_are_one_line_and_write_nothing(args, words, tmp_path, capsys):
+    from hncl.cli import main
+
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out), *(["--quiet"] if args[0] == "make-shards" else [])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()

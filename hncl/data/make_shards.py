@@ -197,8 +197,17 @@ def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_add
                 seed: int = 0, readers: Optional[int] = None, command: str = "", progress: bool = True,
                 log=print) -> dict:
     """Build (or resume) the shard set `job.out`; returns the manifest."""
-    if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    for flag, ok, rule, value in (  # every option's range, before anything is written
+            ("--shard-size", shard_size >= 1, ">= 1", shard_size),
+            ("--workers", workers >= 1, ">= 1", workers),
+            ("--descriptor-dim", descriptor_dim >= 1, ">= 1", descriptor_dim),
+            ("--max-skip-fraction", 0 <= max_skip_fraction <= 1, "in [0, 1]", max_skip_fraction),
+            ("--seed", seed >= 0, ">= 0", seed),
+            ("--readers", readers is None or readers >= 1, ">= 1", readers),
+            ("--num-samples", dict(job.source_options).get("num_samples", 1) >= 1, ">= 1",
+             dict(job.source_options).get("num_samples"))):
+        if not ok:
+            raise ValueError(f"{flag} must be {rule}, got {value}")
     if job.format_version not in FORMATS:
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {job.format_version}")
     t0 = time.time()

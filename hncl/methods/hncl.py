@@ -67,9 +67,11 @@ class HNCL(QueueMethod):
     name = "hncl"
 
     def __init__(self, cfg, model, key_dim=None, **kwargs):
-        # the shard set's descriptor size (key_dim) overrides cfg.descriptor.dim
+        # the search keys are the shard set's descriptors; a descriptor.dim set in the config was
+        # checked against the set before the run started (hncl.preflight.pretrain)
         descriptor = kwargs.get("descriptor")
-        key_dim = key_dim or getattr(descriptor, "dim", None) or cfg.descriptor.dim
+        # (no set, descriptors given in the batch: descriptor.dim, else make-shards' default of 64)
+        key_dim = key_dim or getattr(descriptor, "dim", None) or cfg.descriptor.dim or 64
         super().__init__(cfg, model, key_dim=key_dim, **kwargs)
         self.nn_weight = float(cfg.method.nn_weight)
         self.batch_neighbours = int(cfg.method.batch_neighbours)

@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 
 from hncl import dist as hdist
 from hncl import storage, tempfiles
-from hncl.config import Config, run_dir, validate, value
+from hncl.config import Config, check_ranks, run_dir, validate, value
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
 from hncl.data.epoch_plan import StreamState
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
-from hncl.errors import UserError
+from hncl.errors import InputError, UserError
 from hncl.methods import build_method
 from hncl.model import HNCLModel
 from hncl.train.engine import Engine, device_for, prepare_model, read_train_state, seed_everything
@@ -59,6 +59,9 @@ class Trainer:
         self.rank, self.world = session.rank, session.world_size
         self.device = device_for(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards)
+        from hncl.preflight import descriptor_matches
+
+        descriptor_matches(cfg, self.shards)  # the driver checked it too; a worker may be started directly
         self.readers_per_rank = max(1, cfg.data.loader_workers)
         self.step, self.samples_seen = 0, 0
         self.skipped: Dict[str, int] = {}  # lost samples by reason (this rank)
@@ -77,6 +80,8 @@ class Trainer:
                             f"{self.world} ranks: run on a number of ranks that divides it, or set "
                             f"data.global_batch_size to a multiple of {self.world} (the lr follows it)")
         self.batch_size = self.global_batch // self.world
+        # a resume keeps its checkpoint's global batch, which the driver could not check against
+        check_ranks(cfg, self.world, "this run's ranks", self.global_batch)
         if self.batch_size != cfg.data.batch_size and self.rank == 0:
             print(f"[hncl] {self.batch_size} samples per rank: the run's global batch of {self.global_batch} over "
                   f"{self.world} ranks (data.batch_size={cfg.data.batch_size} applies to a run's first start; "
@@ -354,11 +359,15 @@ def train_loop_per_worker(config: dict) -> dict:
     folder = run_dir(cfg)
     session: Session = RaySession(folder) if config.get("session") == "ray" else \
         LocalSession(folder, keep=cfg.run.keep_checkpoints)
+    trainer = Trainer(cfg, session)  # opens and checks the inputs: a refusal leaves nothing written
     if session.rank == 0:
-        storage.makedirs(folder)
+        try:
+            storage.makedirs(folder)
+        except OSError as e:  # e.g. a path under /proc, a read-only disk
+            raise InputError(f"run.output_dir: cannot make the run directory {folder}: {e.strerror or e}") from None
         storage.write_bytes(storage.join(folder, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
     with hdist.torch_threads(cfg.dist.cpus_per_worker):
-        return Trainer(cfg, session).fit()
+        return trainer.fit()
 
 
 def init_local_process_group() -> None:
