@@ -22,13 +22,15 @@ from safetensors.torch import load_file, save_file
 from hncl.config import value
 from hncl.data.augment import MEAN, STD
 from hncl.errors import InputError
-from hncl.model import ResNetEncoder, load_encoder_weights
+from hncl.backbones import build_encoder
+from hncl.model import load_encoder_weights
 
 
 class FERClassifier(nn.Module):
-    def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "imagenet", num_classes: int = 7):
+    def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "imagenet", num_classes: int = 7,
+                 image_size: int = 112):
         super().__init__()
-        self.encoder = ResNetEncoder(arch, width, stem)
+        self.encoder = build_encoder(arch, width, stem, image_size)
         self.head = nn.Linear(self.encoder.out_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,8 @@ class FERClassifier(nn.Module):
 
 def encoder_spec(init: Optional[str], model_cfg) -> dict:
     """Architecture of the encoder to build: from encoder.json beside a pretraining run's
-    encoder.safetensors when there is one, else from the model config."""
+    encoder.safetensors when there is one, else from the model config. (The image size is the
+    run's data.image_size: an encoder built for one, a ViT's position embeddings, names it.)"""
     spec = {"arch": value(model_cfg.arch), "width": int(model_cfg.width), "stem": value(model_cfg.stem)}
     if init and init.endswith(".safetensors"):
         meta = os.path.join(os.path.dirname(init), "encoder.json")
@@ -48,9 +51,10 @@ def encoder_spec(init: Optional[str], model_cfg) -> dict:
     return spec
 
 
-def build_classifier(init: Optional[str], model_cfg, num_classes: int) -> Tuple[FERClassifier, dict]:
+def build_classifier(init: Optional[str], model_cfg, num_classes: int,
+                     image_size: int = 112) -> Tuple[FERClassifier, dict]:
     spec = encoder_spec(init, model_cfg)
-    model = FERClassifier(spec["arch"], spec["width"], spec["stem"], num_classes)
+    model = FERClassifier(spec["arch"], spec["width"], spec["stem"], num_classes, image_size)
     if init and init != "none":
         load_encoder_weights(model.encoder, init)
     return model, spec
@@ -91,6 +95,6 @@ def load_classifier(path: str) -> Tuple[FERClassifier, dict]:
                                 f"made by `hncl finetune`)")
     with open(meta_path) as f:
         meta = json.load(f)
-    model = FERClassifier(meta["arch"], meta["width"], meta["stem"], meta["num_classes"])
+    model = FERClassifier(meta["arch"], meta["width"], meta["stem"], meta["num_classes"], meta["image_size"])
     model.load_state_dict(load_file(path))
     return model.eval(), meta

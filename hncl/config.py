@@ -30,11 +30,6 @@ def value(x: Any) -> Any:
     return x.value if isinstance(x, enum.Enum) else x
 
 
-class Arch(str, enum.Enum):
-    resnet18 = "resnet18"
-    resnet50 = "resnet50"
-
-
 class Stem(str, enum.Enum):
     imagenet = "imagenet"  # torchvision's 7x7/2 conv + max-pool (for >= 112 px faces)
     small = "small"  # 3x3/1 conv, no pool (for tiny CPU images, e.g. 32-64 px)
@@ -73,14 +68,16 @@ class OptimizerName(str, enum.Enum):
 
 @dataclass
 class ModelConfig:
-    arch: Arch = Arch.resnet18
+    # resnet18, resnet50 (torchvision), iresnet18, iresnet50 (face recognition, insightface's
+    # layout), or timm/NAME: any timm model (hncl.backbones); never downloaded: see init_weights
+    arch: str = "resnet18"
     width: int = 64  # channels of the first stage; 64 = torchvision's ResNet, smaller for CPU tests
     stem: Stem = Stem.imagenet
     proj_layers: int = 3  # NNCLR projector: 3 linear layers with BatchNorm
     proj_hidden: int = 2048
     proj_out: int = 256
     pred_hidden: int = 4096  # NNCLR predictor: 2 linear layers
-    init_weights: Optional[str] = None  # torchvision-keyed ResNet state dict (.pth/.safetensors)
+    init_weights: Optional[str] = None  # encoder weights in the arch's own layout (torchvision, insightface, timm)
     sync_bn: bool = False  # SyncBatchNorm across ranks (DDP only)
 
 
@@ -420,7 +417,11 @@ def validate(cfg: DictConfig) -> None:
     refusal is one line naming the field (`config error: key=value: rule`)."""
     _check_finite(cfg)
     m, me, d = cfg.model, cfg.method, cfg.descriptor
-    # model (arch, stem: enums; init_weights: a path; sync_bn: below)
+    # model (stem: an enum; init_weights: a path; sync_bn: below)
+    from hncl.backbones import check_arch
+
+    why = check_arch(m.arch)
+    _check(why is None, "model.arch", m.arch, why or "")
     _check(m.width >= 8, "model.width", m.width, "must be >= 8")
     _check(m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "allowed values: 2, 3")
     for k in ("proj_hidden", "proj_out", "pred_hidden"):

@@ -129,7 +129,7 @@ def _finetune_run(cfg) -> dict:
     train_set, test_set = ShardSet.open(ft.train_shards), ShardSet.open(ft.test_shards)
     folder = run_dir(cfg)
     torch.manual_seed(cfg.run.seed)
-    model, spec = build_classifier(ft.init, cfg.model, ft.num_classes)
+    model, spec = build_classifier(ft.init, cfg.model, ft.num_classes, cfg.data.image_size)
     model.to(device)
     size = cfg.data.image_size
     weights = class_weights(train_set, ft.num_classes).to(device) if ft.class_balanced else None

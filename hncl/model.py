@@ -1,8 +1,10 @@
-"""Encoder (torchvision ResNet, classifier removed), NNCLR projector and predictor.
+"""Encoder, NNCLR projector and predictor.
 
-The encoder is torchvision's own ResNet class built with a configurable base width, so at
-width 64 it is exactly torchvision's resnet18/resnet50 (same modules, same state-dict keys) and
+The built-in encoder is torchvision's own ResNet class built with a configurable base width, so
+at width 64 it is exactly torchvision's resnet18/resnet50 (same modules, same state-dict keys) and
 external torchvision-keyed weights load directly; smaller widths give CPU-sized test models.
+IResNet and any timm model are the other encoders (hncl.backbones); the projector attaches to
+whatever width the encoder's feature has.
 """
 
 from __future__ import annotations
@@ -73,18 +75,20 @@ class HNCLModel(nn.Module):
 
     def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "imagenet",
                  proj_layers: int = 3, proj_hidden: int = 2048, proj_out: int = 256,
-                 pred_hidden: int = 4096):
+                 pred_hidden: int = 4096, image_size: int = 112):
         super().__init__()
-        self.encoder = ResNetEncoder(arch, width, stem)
+        from hncl.backbones import build_encoder
+
+        self.encoder = build_encoder(arch, width, stem, image_size)
         self.projector = mlp(self.encoder.out_dim, proj_hidden, proj_out, proj_layers, last_bn=True)
         self.predictor = mlp(proj_out, pred_hidden, proj_out, 2, last_bn=False)
         self.embed_dim = proj_out
 
     @classmethod
-    def from_config(cls, model_cfg) -> "HNCLModel":
+    def from_config(cls, model_cfg, image_size: int = 112) -> "HNCLModel":
         m = cls(arch=value(model_cfg.arch), width=model_cfg.width, stem=value(model_cfg.stem),
                 proj_layers=model_cfg.proj_layers, proj_hidden=model_cfg.proj_hidden,
-                proj_out=model_cfg.proj_out, pred_hidden=model_cfg.pred_hidden)
+                proj_out=model_cfg.proj_out, pred_hidden=model_cfg.pred_hidden, image_size=image_size)
         if model_cfg.init_weights:
             load_encoder_weights(m.encoder, model_cfg.init_weights)
         return m
@@ -126,27 +130,32 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def load_encoder_weights(encoder: ResNetEncoder, source) -> None:
-    """Load torchvision-keyed ResNet weights (path or dict) into the encoder.
+def load_encoder_weights(encoder: nn.Module, source) -> None:
+    """Load weights in the encoder's own key layout (torchvision, insightface IResNet, timm; a
+    path or a dict) into it.
 
-    Strips 'module.' / 'encoder.' / 'backbone.' prefixes and the classifier ('fc.*'); every
-    other key must match, otherwise the error lists what is missing or extra."""
+    Strips 'module.' / 'encoder.' / 'backbone.' prefixes and the family's classifier (torchvision's
+    'fc.*', timm's head); every other key must match, otherwise the error lists what is missing
+    or extra."""
     state = read_state_dict(source) if isinstance(source, str) else dict(source)
+    classifier = tuple(getattr(encoder, "classifier_keys", ("fc.",)))
     cleaned = {}
     for k, v in state.items():
         for prefix in ("module.", "encoder.", "backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if not k.startswith("fc."):
+        if not (classifier and k.startswith(classifier)):
             cleaned[k] = v
-    own = {k for k in encoder.state_dict() if not k.startswith("fc.")}
+    mine = encoder.state_dict()
+    own = {k for k in mine if not (classifier and k.startswith(classifier))}
     missing, extra = sorted(own - cleaned.keys()), sorted(cleaned.keys() - own)
+    what = f"{getattr(encoder, 'arch', type(encoder).__name__)}" + \
+        (f" width {encoder.width}" if not str(getattr(encoder, "arch", "")).startswith("timm/") else "")
     if missing or extra:
-        raise WeightsError(f"encoder weights do not fit {encoder.arch} width {encoder.width}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
-    bad = [k for k in own if cleaned[k].shape != encoder.state_dict()[k].shape]
+        raise WeightsError(f"encoder weights do not fit {what}: "
+                           f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    bad = [k for k in own if cleaned[k].shape != mine[k].shape]
     if bad:
-        raise WeightsError(f"encoder weights have wrong shapes for {bad[:5]} "
-                         f"(arch {encoder.arch}, width {encoder.width})")
+        raise WeightsError(f"encoder weights have wrong shapes for {bad[:5]} ({what})")
     encoder.load_state_dict(cleaned, strict=False)

@@ -47,11 +47,12 @@ def encoder_weights(cfg) -> None:
     if not path or path == "none" or storage.is_remote(path):
         return
     from hncl.config import value
-    from hncl.model import ResNetEncoder, WeightsError, load_encoder_weights
+    from hncl.backbones import build_encoder
+    from hncl.model import WeightsError, load_encoder_weights
 
     try:
-        load_encoder_weights(ResNetEncoder(value(cfg.model.arch), width=cfg.model.width,
-                                           stem=value(cfg.model.stem)), path)
+        load_encoder_weights(build_encoder(value(cfg.model.arch), cfg.model.width, value(cfg.model.stem),
+                                           cfg.data.image_size), path)
     except WeightsError as e:
         raise InputError(f"model.init_weights: {e}") from None
 

@@ -173,3 +173,37 @@ def test_predict_reports_broken_files_and_non_faces_and_export_matches_pytorch(l
     assert rep["torchscript_max_abs_diff"] < 1e-4 and rep["onnx_max_abs_diff"] < 1e-4
     assert {"classifier.onnx", "classifier.torchscript.pt", "classifier.safetensors"} <= set(
         os.listdir(tmp_path / "export"))
+
+
+def test_a_timm_vit_pretrains_resumes_exactly_probes_and_exports(sets, tmp_path):
+    """A timm backbone through the whole system: a run killed after its step-2 checkpoint resumes
+    and trains steps 3-4 exactly as an uninterrupted run did (equal losses), its encoder (timm's
+    key layout) is probed, and the classifier exports to TorchScript and ONNX within tolerance."""
+    import subprocess
+    import sys
+
+    def pretrain(name, *extra):
+        return ["pretrain", "--config", "configs/debug.yaml", "--debug", f"data.train_shards={sets['train']}",
+                f"run.output_dir={tmp_path}", f"run.name={name}", "model.arch=timm/test_vit", "data.image_size=32",
+                "optim.epochs=1", "data.steps_per_epoch=4", "optim.warmup_epochs=0", "data.batch_size=16",
+                "data.loader_workers=0", "method.queue_size=64", "run.checkpoint_every=2", "run.log_every=1", *extra]
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+
+    assert main(pretrain("straight")) == 0
+    killed = subprocess.run([sys.executable, "-m", "hncl.cli", *pretrain("killed", "run.fail_at_step=3",
+                                                                       "run.fail_rank=0")],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and "fault injection: rank 0 exits at step 3" in killed.stdout
+    assert main(pretrain("killed", "run.fail_at_step=3", "run.fail_rank=0")) == 0  # resumes from step 2
+    assert losses("killed") == losses("straight") and len(losses("straight")) == 4
+
+    encoder = str(tmp_path / "killed" / "encoder.safetensors")
+    assert main(["finetune", "--debug", *ft_args(sets, "vit_probe", f"finetune.init={encoder}", "finetune.epochs=1",
+                                                  "data.image_size=32", "finetune.knn_k=5")]) == 0
+    probe = os.path.join(sets["root"], "vit_probe")
+    assert json.load(open(os.path.join(probe, "classifier.json")))["arch"] == "timm/test_vit"
+    assert main(["export", "--checkpoint", probe, "--out", str(tmp_path / "export")]) == 0
+    report = json.load(open(tmp_path / "export" / "export.json"))
+    assert report["torchscript_max_abs_diff"] <= report["tolerance"] and report["onnx_max_abs_diff"] <= report["tolerance"]

@@ -62,3 +62,62 @@ def test_small_model_shapes_and_two_view_forward():
     assert isinstance(m.projector[-1], torch.nn.BatchNorm1d)
     assert sum(isinstance(l, torch.nn.Linear) for l in m.predictor) == 2
     assert isinstance(m.predictor[-1], torch.nn.Linear)
+
+
+# --- other backbones: timm models and face-recognition IResNets (hncl.backbones) ----------------
+FAMILIES = [("timm/test_vit", 32), ("timm/test_convnext", 32), ("iresnet18", 32)]
+
+
+@pytest.mark.parametrize("arch, size", FAMILIES)
+def test_every_family_trains_and_loads_its_own_checkpoint_layout(arch, size, tmp_path):
+    """The projector attaches to the backbone's pooled feature whatever its width; a checkpoint in
+    the family's own layout (timm's with its classifier head, insightface's) loads and gives the
+    features of the network it came from."""
+    import timm
+
+    from hncl.backbones import build_encoder
+
+    torch.manual_seed(0)
+    model = HNCLModel(arch, width=8, stem="small", proj_hidden=32, proj_out=16, pred_hidden=32, image_size=size)
+    x1, x2 = torch.randn(4, 3, size, size), torch.randn(4, 3, size, size)
+    z1, p1, z2, p2 = model(x1, x2)
+    assert z1.shape == p2.shape == (4, 16)
+    (z1.sum() + p2.sum()).backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())  # every encoder weight trains
+
+    if arch.startswith("timm/"):
+        sized = {"img_size": size} if "vit" in arch else {}
+        source = timm.create_model(arch[5:], pretrained=False, num_classes=7, **sized)  # with its classifier head
+        with torch.no_grad():
+            want = source.forward_head(source.forward_features(x1), pre_logits=True)
+    else:
+        source = build_encoder(arch, 8, "small", size)
+        want = source.eval()(x1)
+    path = str(tmp_path / "native.safetensors")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    encoder = build_encoder(arch, 8, "small", size)
+    load_encoder_weights(encoder, path)
+    with torch.no_grad():
+        assert torch.allclose(encoder.eval()(x1), want, atol=1e-6)
+
+
+def test_iresnet_has_insightfaces_layout_and_a_wrong_family_is_named():
+    """iresnet50 at 112 px in the published network's shapes (43.6 M parameters, a 512-d embedding
+    from 512 x 7 x 7 cells), so insightface's checkpoints load key for key; weights of another
+    family are refused in one line listing what is missing and unexpected."""
+    from hncl.backbones import build_encoder
+    from hncl.model import WeightsError
+
+    r50 = build_encoder("iresnet50", 64, "imagenet", 112)
+    shapes = {k: tuple(v.shape) for k, v in r50.state_dict().items()}
+    assert sum(p.numel() for p in r50.parameters()) == 43_590_848
+    assert shapes["conv1.weight"] == (64, 3, 3, 3) and shapes["prelu.weight"] == (64,)
+    assert shapes["layer1.0.downsample.0.weight"] == (64, 64, 1, 1) and shapes["layer3.13.conv2.weight"] == (256, 256, 3, 3)
+    assert shapes["fc.weight"] == (512, 512 * 7 * 7) and shapes["features.running_var"] == (512,)
+    assert not any(k.startswith("layer3.14.") for k in shapes) and r50.out_dim == 512
+
+    vit = build_encoder("timm/test_vit", 64, "small", 32)
+    with pytest.raises(WeightsError) as err:
+        load_encoder_weights(vit, build_encoder("timm/test_convnext", 64, "small", 32).state_dict())
+    msg = str(err.value)
+    assert "timm/test_vit" in msg and "missing ['blocks." in msg and "unexpected ['" in msg and "\n" not in msg

@@ -96,7 +96,7 @@ class Trainer:
         self.schedule = SampleSchedule(total_samples=int(cfg.optim.epochs * self.samples_per_epoch),
                                        warmup_samples=int(round(cfg.optim.warmup_epochs * self.samples_per_epoch)))
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        model = prepare_model(HNCLModel.from_config(cfg.model), cfg, self.device)
+        model = prepare_model(HNCLModel.from_config(cfg.model, cfg.data.image_size), cfg, self.device)
         optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         self.engine = Engine(cfg, model, optimizer, None, self.device, batch_size=self.batch_size,
                              grad_clip=cfg.optim.grad_clip, session=self.session, log=True)
@@ -322,14 +322,16 @@ class Trainer:
                         f"verify('{self.shards.root}')\"`")
 
     def export_encoder(self) -> None:
-        """encoder.safetensors (torchvision ResNet keys) + encoder.json, for fine-tuning."""
+        """encoder.safetensors (the encoder's own key layout: torchvision, IResNet or timm) + encoder.json,
+        for fine-tuning."""
         encoder = self.engine.model.encoder
         state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
         with tempfile_path() as path:
             save_file(state, path, metadata={"arch": encoder.arch})
             with open(path, "rb") as f:
                 storage.write_bytes(storage.join(self.run_dir, "encoder.safetensors"), f.read())
-        info = {"arch": encoder.arch, "width": encoder.width, "stem": encoder.stem, "out_dim": encoder.out_dim,
+        m = self.cfg.model
+        info = {"arch": value(m.arch), "width": int(m.width), "stem": value(m.stem), "out_dim": encoder.out_dim,
                 "image_size": self.cfg.data.image_size, "step": self.step, "shards": self.cfg.data.train_shards,
                 "method": self.method.name, "normalize": {"mean": list(MEAN), "std": list(STD)}}
         storage.write_bytes(storage.join(self.run_dir, "encoder.json"), json.dumps(info, indent=1).encode())
