@@ -139,6 +139,9 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     epochs: int = 100
     grad_clip: Optional[float] = None
+    # layer-wise lr decay of a timm encoder (ViT recipes): block i of L at lr x layer_decay^(L-1-i),
+    # e.g. 0.75 when continuing from model.init_weights; null: one lr for every layer
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -193,6 +196,7 @@ class FinetuneConfig:
     batch_size: int = 128  # per rank
     lr: float = 0.1  # head lr for a global batch of 256 (scaled linearly)
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr * this
+    layer_decay: Optional[float] = None  # finetune, timm encoders: layer-wise decay of the encoder's lr (e.g. 0.65)
     weight_decay: float = 1e-4
     class_balanced: bool = False  # inverse-frequency class weights (FER sets are imbalanced)
     label_smoothing: float = 0.0
@@ -476,6 +480,12 @@ def validate(cfg: DictConfig) -> None:
            f"must be <= optim.epochs={o.epochs} (the warm-up is part of the run)")
     _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip,
            "must be > 0 (a gradient-norm bound), or null: no clipping")
+    timm_only = "needs a timm encoder (model.arch=timm/NAME): the layers come from timm's group_matcher"
+    for key, x in (("optim.layer_decay", o.layer_decay), ("finetune.layer_decay", cfg.finetune.layer_decay)):
+        _check(x is None or 0 < x <= 1, key, x, "must be in (0, 1], or null: one lr for every layer")
+        _check(x is None or str(cfg.model.arch).startswith("timm/"), key, x, timm_only)
+    _check(cfg.finetune.layer_decay is None or cfg.finetune.protocol == Protocol.finetune, "finetune.layer_decay",
+           cfg.finetune.layer_decay, "is for finetune.protocol=finetune (the linear probe trains no encoder layer)")
     # dist (strategy, precision, placement: enums; use_gpu: a boolean)
     di = cfg.dist
     _check(di.num_workers >= 1, "dist.num_workers", di.num_workers, "must be >= 1")

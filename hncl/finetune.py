@@ -158,8 +158,15 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
     labelled = sum(train_set.manifest["class_counts"].values())
     steps_per_epoch = max(1, labelled // (ft.batch_size * world))
     scale = ft.batch_size * world / 256
-    opt = torch.optim.SGD([{"params": model.encoder.parameters(), "lr": ft.lr * scale * ft.encoder_lr_scale},
-                           {"params": model.head.parameters(), "lr": ft.lr * scale}],
+    encoder_lr = ft.lr * scale * ft.encoder_lr_scale
+    if ft.layer_decay is None:
+        encoder_groups = [{"params": model.encoder.parameters(), "lr": encoder_lr}]
+    else:  # a timm encoder by depth: the last block at encoder_lr, each one below layer_decay x that
+        from hncl.train.optim import layer_decay_groups
+
+        encoder_groups = layer_decay_groups(model.encoder, ft.weight_decay, ft.layer_decay, encoder_lr)
+    # the head stays the last group (its lr is reported)
+    opt = torch.optim.SGD([*encoder_groups, {"params": model.head.parameters(), "lr": ft.lr * scale}],
                           momentum=0.9, nesterov=True, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
     engine = Engine(cfg, model, opt, sched, device, strategy="ddp")  # DDP over the ranks, if several
@@ -181,7 +188,7 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
         record = {"epoch": epoch + 1, "train_loss": total / seen, "train_accuracy": correct / seen,
-                  "lr": opt.param_groups[1]["lr"]}
+                  "lr": opt.param_groups[-1]["lr"]}
         if rank == 0:
             te = predict_set(model, test_set, cfg.data.image_size, device, cfg.data.loader_workers)
             record["test_accuracy"] = float((te["pred"] == te["label"]).mean())

@@ -71,6 +71,10 @@ BAD_SETTINGS = [
     (["optim.weight_decay=-1"], "optim.weight_decay"),
     (["optim.grad_clip=0"], "optim.grad_clip"),
     (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["optim.layer_decay=1.5", "model.arch=timm/test_vit"], "optim.layer_decay"),
+    (["optim.layer_decay=0.75"], "optim.layer_decay"),  # resnet18: no timm layer groups
+    (["finetune.layer_decay=0.65", "model.arch=timm/test_vit", "finetune.protocol=linear"], "finetune.layer_decay"),
+    (["model.arch=timm/vit_smal_patch16_224"], "model.arch"),
     (["optim.lr=inf"], "optim.lr"),
     (["data.shuffle_buffer=-5"], "data.shuffle_buffer"),
     (["data.stall_timeout_s=.inf"], "data.stall_timeout_s"),

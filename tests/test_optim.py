@@ -54,3 +54,29 @@ def test_warmup_then_cosine_to_zero_in_samples_whatever_the_batch_did():
     while samples < 12 * 64:
         assert sched.factor(samples, 32) == pytest.approx(0.5 * (1 + math.cos(math.pi * (samples / 64 - 4) / 8)))
         samples += 32
+
+
+def test_layer_decay_gives_each_vit_layer_its_lr_and_every_parameter_one_group():
+    """optim.layer_decay on a timm ViT: block i (0-based) of L at lr x d^(L-1-i), the patch
+    embedding and the tokens below them at d^L, the projector and predictor at the full lr, no weight decay on
+    biases, norms, pos_embed and cls_token; every parameter in exactly one group."""
+    from omegaconf import OmegaConf
+
+    from hncl.model import HNCLModel
+    from hncl.train.optim import build_optimizer
+
+    model = HNCLModel("timm/test_vit", proj_hidden=16, proj_out=8, pred_hidden=16, image_size=32)
+    blocks = len(model.encoder.blocks)
+    cfg = OmegaConf.create({"name": "adamw", "lr": 0.1, "scale_lr": False, "weight_decay": 0.05, "momentum": 0.9,
+                            "layer_decay": 0.5})
+    opt = build_optimizer(model, cfg, global_batch=256)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(lr_of) == len(list(model.parameters()))
+    enc = model.encoder
+    assert lr_of[id(enc.patch_embed.proj.weight)] == pytest.approx(0.1 * 0.5 ** blocks)
+    assert lr_of[id(enc.cls_token)] == pytest.approx(0.1 * 0.5 ** blocks) and wd_of[id(enc.cls_token)] == 0
+    for i, block in enumerate(enc.blocks):
+        assert lr_of[id(block.attn.qkv.weight)] == pytest.approx(0.1 * 0.5 ** (blocks - 1 - i))
+        assert wd_of[id(block.attn.qkv.weight)] == 0.05 and wd_of[id(block.attn.qkv.bias)] == 0
+    assert lr_of[id(model.projector[0].weight)] == 0.1 and lr_of[id(model.predictor[0].weight)] == 0.1

@@ -1,4 +1,5 @@
-"""Optimisers (SGD, AdamW, LARS from timm) and the warm-up + cosine learning-rate schedule (in samples)."""
+"""Optimisers (SGD, AdamW, LARS from timm; layer-wise lr decay for timm encoders) and the
+warm-up + cosine learning-rate schedule (in samples)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def layer_decay_groups(encoder: torch.nn.Module, weight_decay: float, layer_decay: float, lr: float) -> List[dict]:
+    """A timm encoder's parameters by depth, as BEiT / MAE fine-tune ViTs: block i (0-based) of L
+    at lr x layer_decay^(L-1-i), the embeddings below at layer_decay^L; no weight decay on biases, norms and the
+    embeddings timm names (pos_embed, cls_token). Layer ids come from timm's group_matcher."""
+    from timm.optim import param_groups_layer_decay
+
+    skip = encoder.no_weight_decay() if hasattr(encoder, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(encoder, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"]} for g in groups]
+
+
 def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
     name = value(optim_cfg.name)
     lr = optim_cfg.lr * (global_batch / 256 if optim_cfg.scale_lr else 1.0)
-    groups = param_groups(model, optim_cfg.weight_decay)
+    if optim_cfg.layer_decay is None:
+        groups = param_groups(model, optim_cfg.weight_decay)
+    else:  # the encoder by depth; the projector and predictor on top, at the full lr
+        heads = torch.nn.ModuleList([m for n, m in model.named_children() if n != "encoder"])
+        groups = layer_decay_groups(model.encoder, optim_cfg.weight_decay, optim_cfg.layer_decay, lr) + \
+            param_groups(heads, optim_cfg.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
     if name == "adamw":
