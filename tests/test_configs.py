@@ -37,7 +37,8 @@ def labelled_set(tmp_path_factory):
 
 def test_every_config_file_is_covered():
     assert {"configs/debug.yaml", "configs/demo.yaml", "configs/pretrain_r18.yaml",
-            "configs/pretrain_r50_deepspeed.yaml"} <= set(CONFIGS)
+            "configs/pretrain_r50_deepspeed.yaml", "configs/pretrain_vit_s.yaml", "configs/pretrain_convnext_t.yaml",
+            "configs/pretrain_ir50.yaml"} <= set(CONFIGS)
 
 
 def _hncl(args, cwd):
@@ -56,8 +57,9 @@ def test_shipped_config_pretrains_and_probes_on_cpu(config, labelled_set, tmp_pa
            f"run.output_dir={tmp_path}", f"run.name={name}", *size], cwd=tmp_path)
     run_dir = tmp_path / name
     shipped, used = load_config(os.path.join(REPO, config)), load_config(str(run_dir / "config.yaml"))
-    for key in ("method.name", "method.batch_neighbours", "method.queue_dtype", "dist.strategy",
-                "dist.zero_stage", "dist.precision", "optim.name", "optim.grad_clip", "data.augment_on"):
+    for key in ("model.arch", "method.name", "method.batch_neighbours", "method.queue_dtype", "dist.strategy",
+                "dist.zero_stage", "dist.precision", "optim.name", "optim.grad_clip", "data.augment_on",
+                "optim.layer_decay", "finetune.protocol", "finetune.layer_decay"):
         section, field = key.split(".")
         assert used[section][field] == shipped[section][field], key
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
