@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace) -> Dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
     torch.manual_seed(hdist.rank())
     model = HNCLModel(args.arch, args.width, args.stem, proj_hidden=args.proj_hidden, proj_out=args.proj_out,
-                      pred_hidden=args.proj_hidden).to(device)
+                      pred_hidden=args.proj_hidden, image_size=args.size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if hdist.is_distributed():
@@ -188,7 +188,7 @@ def main(argv=None) -> Dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--world", type=int, default=1, help="gloo processes (CPU only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / world)")
-    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--arch", default="resnet18", help="model.arch: resnet18/50, iresnet18/50, timm/NAME")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--stem", default="imagenet")
     ap.add_argument("--size", type=int, default=64)

@@ -175,10 +175,10 @@ def test_predict_reports_broken_files_and_non_faces_and_export_matches_pytorch(l
         os.listdir(tmp_path / "export"))
 
 
-def test_a_timm_vit_pretrains_resumes_exactly_probes_and_exports(sets, tmp_path):
+def test_a_timm_vit_pretrains_resumes_exactly_and_probes(sets, tmp_path):
     """A timm backbone through the whole system: a run killed after its step-2 checkpoint resumes
     and trains steps 3-4 exactly as an uninterrupted run did (equal losses), its encoder (timm's
-    key layout) is probed, and the classifier exports to TorchScript and ONNX within tolerance."""
+    key layout) is probed."""
     import subprocess
     import sys
 
@@ -204,6 +204,4 @@ def test_a_timm_vit_pretrains_resumes_exactly_probes_and_exports(sets, tmp_path)
                                                   "data.image_size=32", "finetune.knn_k=5")]) == 0
     probe = os.path.join(sets["root"], "vit_probe")
     assert json.load(open(os.path.join(probe, "classifier.json")))["arch"] == "timm/test_vit"
-    assert main(["export", "--checkpoint", probe, "--out", str(tmp_path / "export")]) == 0
-    report = json.load(open(tmp_path / "export" / "export.json"))
-    assert report["torchscript_max_abs_diff"] <= report["tolerance"] and report["onnx_max_abs_diff"] <= report["tolerance"]
+    # (predict and export of each family: tests/test_model.py)

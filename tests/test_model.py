@@ -121,3 +121,33 @@ def test_iresnet_has_insightfaces_layout_and_a_wrong_family_is_named():
         load_encoder_weights(vit, build_encoder("timm/test_convnext", 64, "small", 32).state_dict())
     msg = str(err.value)
     assert "timm/test_vit" in msg and "missing ['blocks." in msg and "unexpected ['" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("arch, size", FAMILIES)
+def test_every_family_predicts_and_exports(arch, size, tmp_path):
+    """A classifier of each family, saved as `hncl finetune` saves one, predicts on image files
+    what the PyTorch model gives on the same preprocessed pixels, and exports to TorchScript and
+    ONNX within tolerance (timm's ViT attention and ConvNeXt's LayerNorm trace like the ResNets)."""
+    import numpy as np
+    from PIL import Image
+
+    from hncl.classifier import FERClassifier, preprocess, save_classifier
+    from hncl.export import export
+    from hncl.predict import predict
+
+    torch.manual_seed(1)
+    model = FERClassifier(arch, 8, "small", num_classes=3, image_size=size).eval()
+    spec = {"arch": arch, "width": 8, "stem": "small"}
+    save_classifier(model, str(tmp_path / "clf"), spec, ["happy", "sad", "neutral"], size)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)  # not square, not the size
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"face{i}.png")
+    rows = predict(str(tmp_path / "clf"), str(tmp_path))
+    with torch.no_grad():
+        want = model(preprocess(torch.from_numpy(pixels).permute(0, 3, 1, 2), size)).softmax(1)
+    for row, w in zip(rows, want):
+        assert row["status"] == "ok" and row["expression"] == ["happy", "sad", "neutral"][int(w.argmax())]
+        assert list(row["probabilities"].values()) == pytest.approx(w.tolist(), abs=1e-5)
+    report = export(str(tmp_path / "clf"), str(tmp_path / "export"))
+    assert report["input"] == [None, 3, size, size]
+    assert report["torchscript_max_abs_diff"] <= report["tolerance"] and report["onnx_max_abs_diff"] <= report["tolerance"]
