@@ -153,8 +153,8 @@ def load_encoder_weights(encoder: nn.Module, source) -> None:
         (f" width {encoder.width}" if not str(getattr(encoder, "arch", "")).startswith("timm/") else "")
     if missing or extra:
         raise WeightsError(f"encoder weights do not fit {what}: "
-                           f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                           f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+                           f"{len(missing)} missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"{len(extra)} unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
     bad = [k for k in own if cleaned[k].shape != mine[k].shape]
     if bad:
         raise WeightsError(f"encoder weights have wrong shapes for {bad[:5]} ({what})")
