@@ -62,6 +62,26 @@ def build_encoder(arch: str, width: int = 64, stem: str = "imagenet", image_size
     return encoder
 
 
+def check_image_size(encoder: nn.Module, image_size: int) -> Optional[str]:
+    """Why `encoder` cannot take image_size x image_size images, or None. A ViT cuts the pixels
+    past the last whole patch without a word, so its patch size must divide the image; any
+    other misfit (a convnet whose strides leave nothing) shows in one forward of a blank image."""
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if image_size % ph or image_size % pw:
+            return f"its patches are {ph} x {pw} px: the image size must be a multiple of {ph}"
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # noqa: BLE001 -- any failure is the answer; its first line says which
+        return f"a {image_size} x {image_size} image fails in the encoder: {str(e).strip().splitlines()[0][:200]}"
+    finally:
+        encoder.train(was_training)
+    return None
+
+
 def _timm_encoder(name: str, image_size: int) -> nn.Module:
     import timm
 

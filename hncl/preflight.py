@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from hncl import storage
-from hncl.config import ConfigError, check_ranks, run_dir, world_size
+from hncl.config import ConfigError, check_ranks, run_dir, value, world_size
 from hncl.errors import InputError
 
 
@@ -40,21 +40,28 @@ def weights_file(path: Optional[str], field: str) -> None:
         raise InputError(f"{field}: weights file not found: {path}{_where_hint(path)}")
 
 
-def encoder_weights(cfg) -> None:
-    """model.init_weights is read into the encoder once here: a file that is no state dict, or
-    one for another arch or width, is refused before the run directory exists."""
-    path = cfg.model.init_weights
-    if not path or path == "none" or storage.is_remote(path):
-        return
-    from hncl.config import value
-    from hncl.backbones import build_encoder
+def encoder(spec: dict, size: int, weights: Optional[str], field: str) -> None:
+    """The encoder is built once here and takes a data.image_size image (an IResNet's embedding,
+    a ViT's patches, a convnet's strides), and the weights file, if any, is read into it: a
+    misfit, a file that is no state dict, or one for another arch or width is refused before
+    the run directory exists."""
+    from hncl.backbones import build_encoder, check_image_size
     from hncl.model import WeightsError, load_encoder_weights
 
+    arch = spec["arch"]
     try:
-        load_encoder_weights(build_encoder(value(cfg.model.arch), cfg.model.width, value(cfg.model.stem),
-                                           cfg.data.image_size), path)
+        built = build_encoder(arch, spec["width"], spec["stem"], size)
+    except ValueError as e:  # e.g. an IResNet's embedding needs a size divisible by 16
+        raise ConfigError(f"config error: data.image_size={size}: model.arch={arch}: {e}") from None
+    why = check_image_size(built, size)
+    if why:
+        raise ConfigError(f"config error: data.image_size={size}: model.arch={arch}: {why}")
+    if not weights or weights == "none" or storage.is_remote(weights):
+        return
+    try:
+        load_encoder_weights(built, weights)
     except WeightsError as e:
-        raise InputError(f"model.init_weights: {e}") from None
+        raise InputError(f"{field}: {e}") from None
 
 
 def output_dir(cfg) -> None:
@@ -102,7 +109,8 @@ def pretrain(cfg, debug: bool = False) -> None:
     descriptor_matches(cfg, shards)
     check_ranks(cfg, *ranks(cfg, debug))
     weights_file(cfg.model.init_weights, "model.init_weights")
-    encoder_weights(cfg)
+    encoder({"arch": value(cfg.model.arch), "width": cfg.model.width, "stem": value(cfg.model.stem)},
+            cfg.data.image_size, cfg.model.init_weights, "model.init_weights")
     output_dir(cfg)
 
 
@@ -119,6 +127,10 @@ def finetune(cfg) -> None:
     knn_fits(cfg, shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set"))
     shard_set(ft.test_shards, "finetune.test_shards", "a labelled shard set")
     weights_file(ft.init, "finetune.init")
+    from hncl.classifier import encoder_spec
+
+    # the encoder a pretraining run's encoder.json names, else the config's
+    encoder(encoder_spec(ft.init, cfg.model), cfg.data.image_size, ft.init, "finetune.init")
     output_dir(cfg)
 
 

@@ -138,6 +138,10 @@ def tiny_set(tmp_path_factory):
     (["descriptor.inner_only=false"], "descriptor.inner_only"),
     # --debug is one process: a global batch of 4, not the 8 of two Ray workers
     (["dist.num_workers=2", "method.batch_neighbours=5"], "method.batch_neighbours"),
+    # images the encoder cannot take: a ViT would drop the pixels past its last whole patch
+    (["model.arch=timm/test_vit", "data.image_size=40"], "data.image_size"),  # test_vit: 16 px patches
+    (["model.arch=iresnet18", "model.width=8", "data.image_size=40"], "data.image_size"),  # 4 stride-2 stages
+    (["model.arch=timm/test_convnext", "data.image_size=16"], "data.image_size"),  # nothing left after its strides
 ])
 def test_settings_the_shard_set_or_the_real_ranks_cannot_honour_are_refused(tiny_set, overrides, field):
     from hncl import preflight
