@@ -32,7 +32,10 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
             return 2
         from hncl.data.synthetic import SyntheticFaces, contact_sheet
 
-        n = args.num_samples or 32
+        n = 32 if args.num_samples is None else args.num_samples
+        if n < 1:
+            print(f"hncl make-shards: error: --num-samples must be >= 1, got {n}", file=sys.stderr)
+            return 1
         ds = SyntheticFaces(max(1, (n + 6) // 7), 7, size=args.image_size, seed=args.seed)
         contact_sheet([ds[i] for i in range(min(n, len(ds)))], args.preview)
         print(f"wrote {args.preview}: {min(n, len(ds))} synthetic faces with landmarks")
@@ -44,7 +47,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         return 2
     source_opts = {}
     if args.source == "synthetic":
-        source_opts = {"num_samples": args.num_samples or 1000, "seed": args.seed, "size": args.image_size}
+        source_opts = {"num_samples": 1000 if args.num_samples is None else args.num_samples, "seed": args.seed, "size": args.image_size}
     elif args.num_classes and args.source in ("affectnet", "ferplus"):
         source_opts = {"num_classes": args.num_classes}
     ext_opts = {}

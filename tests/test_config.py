@@ -305,6 +305,7 @@ def test_every_cli_error_a_user_can_cause_is_one_line_and_exit_1(argv, must_cont
 
 @pytest.mark.parametrize("args, words", [
     (["make-shards", "--num-samples", "-3"], "--num-samples must be >= 1"),
+    (["make-shards", "--num-samples", "0"], "--num-samples must be >= 1"),  # was the default 1000
     (["make-shards", "--descriptor-dim", "0"], "--descriptor-dim must be >= 1"),
     (["make-shards", "--workers", "0"], "--workers must be >= 1"),
     (["make-shards", "--max-skip-fraction", "2"], "--max-skip-fraction must be in [0, 1]"),
