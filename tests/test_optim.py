@@ -80,3 +80,12 @@ def test_layer_decay_gives_each_vit_layer_its_lr_and_every_parameter_one_group()
         assert lr_of[id(block.attn.qkv.weight)] == pytest.approx(0.1 * 0.5 ** (blocks - 1 - i))
         assert wd_of[id(block.attn.qkv.weight)] == 0.05 and wd_of[id(block.attn.qkv.bias)] == 0
     assert lr_of[id(model.projector[0].weight)] == 0.1 and lr_of[id(model.predictor[0].weight)] == 0.1
+    # the schedule scales every group from its own base lr, and the lr reported is the base lr's
+    from hncl.train.engine import Engine
+
+    engine = Engine(load_config("configs/debug.yaml", ["model.arch=timm/test_vit", "optim.layer_decay=0.5"]),
+                    model, opt, None, torch.device("cpu"), strategy="local")
+    engine.step(sum(p.sum() for p in model.parameters()) * 0, lr_factor=0.25)
+    after = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(after[k] == pytest.approx(0.25 * lr_of[k]) for k in lr_of)
+    assert engine.lr == pytest.approx(0.025)

@@ -186,7 +186,8 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        # the base lr: with layer-wise decay the first groups are the lowest layers, at a fraction of it
+        return max(group["lr"] for group in self.optimizer.param_groups)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, step: int, train_state: dict, metrics: Dict[str, float], method=None,
