@@ -41,10 +41,14 @@ def test_every_config_file_is_covered():
             "configs/pretrain_ir50.yaml"} <= set(CONFIGS)
 
 
-def _hncl(args, cwd):
-    run = subprocess.run([sys.executable, "-m", "hncl.cli", *args], cwd=cwd, capture_output=True, text=True,
+def _hncl(*commands, cwd):
+    """The commands run one after the other as `hncl ...` would run them, in one fresh process
+    (one interpreter start for the lot), stopping at the first that fails."""
+    script = ("import sys\nfrom hncl.cli import main\n"
+              f"for args in {list(commands)!r}:\n    code = main(args)\n    if code: sys.exit(code)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True,
                          timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, (args, (run.stdout + run.stderr)[-4000:])
+    assert run.returncode == 0, (commands, (run.stdout + run.stderr)[-4000:])
     return run
 
 
@@ -53,9 +57,13 @@ def _hncl(args, cwd):
 def test_shipped_config_pretrains_and_probes_on_cpu(config, labelled_set, tmp_path):
     size = [f"{k}={v}" for k, v in SIZE.items()]
     name = os.path.basename(config)[:-5]
-    _hncl(["pretrain", "--config", os.path.join(REPO, config), "--debug", f"data.train_shards={labelled_set}",
-           f"run.output_dir={tmp_path}", f"run.name={name}", *size], cwd=tmp_path)
     run_dir = tmp_path / name
+    # pretraining, then the pretrained encoder fine-tuned with the same config file (its protocol)
+    _hncl(["pretrain", "--config", os.path.join(REPO, config), "--debug", f"data.train_shards={labelled_set}",
+           f"run.output_dir={tmp_path}", f"run.name={name}", *size],
+          ["finetune", "--config", os.path.join(REPO, config), "--debug", f"finetune.train_shards={labelled_set}",
+           f"finetune.test_shards={labelled_set}", f"finetune.init={run_dir / 'encoder.safetensors'}",
+           f"run.output_dir={tmp_path}", f"run.name={name}-probe", *size], cwd=tmp_path)
     shipped, used = load_config(os.path.join(REPO, config)), load_config(str(run_dir / "config.yaml"))
     for key in ("model.arch", "method.name", "method.batch_neighbours", "method.queue_dtype", "dist.strategy",
                 "dist.zero_stage", "dist.precision", "optim.name", "optim.grad_clip", "data.augment_on",
@@ -67,9 +75,5 @@ def test_shipped_config_pretrains_and_probes_on_cpu(config, labelled_set, tmp_pa
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e4 for r in rows)
     state = json.loads((run_dir / "checkpoint_00000004" / "train_state.json").read_text())
     assert state["strategy"] == shipped.dist.strategy.value and state["step"] == 4
-    # the pretrained encoder fine-tunes (linear probe) with the same config file
-    _hncl(["finetune", "--config", os.path.join(REPO, config), "--debug", f"finetune.train_shards={labelled_set}",
-           f"finetune.test_shards={labelled_set}", f"finetune.init={run_dir / 'encoder.safetensors'}",
-           f"run.output_dir={tmp_path}", f"run.name={name}-probe", *size], cwd=tmp_path)
     metrics = json.loads((tmp_path / f"{name}-probe" / "metrics.json").read_text())
     assert metrics["encoder"]["width"] == 8 and sum(map(sum, metrics["confusion_matrix"])) == 64
