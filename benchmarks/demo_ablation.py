@@ -17,12 +17,11 @@ import os
 import shutil
 import time
 
-from omegaconf import OmegaConf
 
 from hncl.config import load_config
-from hncl.demo import CONFIG, METHODS, _shards
-from hncl.finetune import finetune_loop
-from hncl.train.launch import pretrain_local
+from hncl.commands.demo import CONFIG, METHODS, _shards
+from hncl.train.finetune import finetune_loop
+from hncl.train.launch import launch, pretrain
 
 VARIANTS = {
     "random": None,  # no pretraining: the floor every method must clear
@@ -78,7 +77,7 @@ def main() -> None:
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={val}",
                                    f"finetune.init={init}",
                                    f"run.output_dir={os.path.join(args.out, 'probe')}", f"run.name={name}"])
-        rep = finetune_loop({"cfg": OmegaConf.to_container(cfg, enum_to_str=True), "session": "local"})
+        rep = launch(cfg, finetune_loop, debug=True)
         results[name] = {"val_linear_acc": rep["accuracy"], "val_knn_acc": rep["knn"]["accuracy"],
                          "seconds": round(seconds, 1)}
         print(name, results[name], flush=True)
@@ -91,7 +90,7 @@ def _pretrain(args, name: str, train: str) -> float:
             "run.seed": args.seed, "data.steps_per_epoch": args.steps, "dist.num_workers": 1,
             "data.batch_size": 128, **VARIANTS[name]}
     t0 = time.time()
-    pretrain_local(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]))
+    pretrain(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]), debug=True)
     return time.time() - t0
 
 

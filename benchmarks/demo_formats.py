@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write  # noqa: E402
 
 import hncl.data.make_shards as make_shards_module  # noqa: E402
-from hncl.demo import METHODS, run_demo  # noqa: E402
+from hncl.commands.demo import METHODS, run_demo  # noqa: E402
 
 TIMING = ("time", "seconds", "images_per_s", "samples_per_s", "throughput", "wall", "elapsed")
 
@@ -52,7 +52,7 @@ def run(out: str, version: int, args) -> Dict[str, object]:
     def with_format(job, *a, **kw):
         return real(dataclasses.replace(job, format_version=version), *a, **kw)
 
-    make_shards_module.make_shards = with_format  # hncl.demo imports it at call time
+    make_shards_module.make_shards = with_format  # hncl.commands.demo imports it at call time
     try:
         t = time.time()
         run_demo(out, seed=args.seed, quick=args.quick, debug=args.debug, log=lambda m: print(f"  [v{version}] {m}",

@@ -30,7 +30,7 @@ import heatmap_extraction  # noqa: E402
 import method_overhead  # noqa: E402
 from _common import machine, median, table, write  # noqa: E402
 
-from hncl.queue import ShardedNeighborQueue  # noqa: E402
+from hncl.core.queue import ShardedNeighborQueue  # noqa: E402
 
 
 def queue_lookup(device: str, sizes: List[int], batch: int, rounds: int) -> Dict[str, float]:

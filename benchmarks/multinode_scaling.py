@@ -36,7 +36,7 @@ from _common import median, table, write  # noqa: E402
 
 from hncl.config import load_config  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
-from hncl.demo import CONFIG, METHODS  # noqa: E402
+from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
 
 COLLECTIVES = ("all_gather", "all_reduce", "all_to_all_single", "broadcast", "all_gather_object")
 
@@ -58,9 +58,9 @@ def counted_loop(config: dict) -> dict:
         f = sys._getframe(2)
         while f is not None:
             path = f.f_code.co_filename.replace(os.sep, "/")
-            if "/hncl/" in path and not path.endswith("hncl/dist.py"):
+            if "/hncl/" in path and not path.endswith("hncl/core/dist.py"):
                 return f"{os.path.basename(path)[:-3]}.{f.f_code.co_name}"
-            if path.endswith("hncl/dist.py") and f.f_code.co_name == "backward":
+            if path.endswith("hncl/core/dist.py") and f.f_code.co_name == "backward":
                 return "dist.all_gather_with_grad.backward"
             f = f.f_back
         return "other"
@@ -84,14 +84,14 @@ def counted_loop(config: dict) -> dict:
             setattr(dist, n, fn)
     cfg = typed_config(config["cfg"])
     if dist.is_initialized():
-        from hncl import storage
+        from hncl.infra import storage
 
         storage.write_json(storage.join(run_dir(cfg), f"comm_rank{dist.get_rank()}.json"), counts)
     return out
 
 
 def _grad_bytes(cfg) -> int:
-    from hncl.model import HNCLModel
+    from hncl.core.model import HNCLModel
 
     model = HNCLModel.from_config(cfg.model)
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -107,7 +107,7 @@ def main(argv=None) -> Dict:
     args = ap.parse_args(argv)
     from multinode import TwoNodeCluster
 
-    from hncl.train.launch import run_on_ray
+    from hncl.train.launch import launch
 
     cluster = TwoNodeCluster(head_cpus=2).start()
     os.environ.update(RAY_ADDRESS=cluster.address, RAY_AUTH_MODE="disabled")
@@ -130,7 +130,7 @@ def main(argv=None) -> Dict:
                             "method.queue_size": 2048}
                     cfg = load_config(CONFIG, [f"{k}={v}" for k, v in over.items()])
                     t0 = time.time()
-                    run_on_ray(cfg, counted_loop, cluster.address, inputs=("data.train_shards",))
+                    launch(cfg, counted_loop, address=cluster.address, inputs=("data.train_shards",))
                     wall = time.time() - t0
                     with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
                         rows = [json.loads(line) for line in f]

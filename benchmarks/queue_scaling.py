@@ -2,7 +2,7 @@
 
 Three designs, each a full queue of Q entries (heatmap keys Dk=64, embeddings De=128) serving
 B queries per rank per step (top-k, k=5: HNCL's candidates):
-  sharded     hncl.queue.ShardedNeighborQueue: each rank holds Q/W slots; all-gather the queries,
+  sharded     hncl.core.queue.ShardedNeighborQueue: each rank holds Q/W slots; all-gather the queries,
               search the local slice, exchange candidates (all_to_all), merge; enqueue is local.
   replicated  what solo-learn / MoCo do: every rank holds all Q; search locally, no query
               exchange, but every enqueue all-gathers the global batch's keys and embeddings.
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import interleaved, median, table, write  # noqa: E402
 
-from hncl import dist as hdist  # noqa: E402
-from hncl.dist import spawn_gloo  # noqa: E402
-from hncl.queue import ShardedNeighborQueue, topk_stable  # noqa: E402
+from hncl.core import dist as hdist  # noqa: E402
+from hncl.core.dist import spawn_gloo  # noqa: E402
+from hncl.core.queue import ShardedNeighborQueue  # noqa: E402
+from hncl.core.topk import topk_stable  # noqa: E402
 
 KEY_DIM, VALUE_DIM, K = 64, 128, 5  # the default descriptor.dim and a 128-d projection
 

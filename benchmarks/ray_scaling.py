@@ -25,8 +25,8 @@ from _common import median, table, write  # noqa: E402
 
 from hncl.config import load_config  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
-from hncl.demo import CONFIG, METHODS  # noqa: E402
-from hncl.train.launch import pretrain_ray  # noqa: E402
+from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
+from hncl.train.launch import pretrain  # noqa: E402
 
 
 def main(argv=None) -> Dict:
@@ -51,7 +51,7 @@ def main(argv=None) -> Dict:
                     "dist.cpus_per_worker": 1, "data.loader_workers": 0, "data.batch_size": args.batch,
                     "run.log_every": args.log_every, "method.queue_size": 2048}
             t0 = time.time()
-            pretrain_ray(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]))
+            pretrain(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]))
             wall = time.time() - t0
             with open(os.path.join(tmp, f"w{w}", "metrics.jsonl")) as f:
                 rows = [json.loads(l) for l in f]

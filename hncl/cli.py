@@ -7,8 +7,8 @@ import os
 import sys
 from typing import List, Optional
 
-from hncl import tempfiles
-from hncl.config import ConfigError, load_config, to_yaml
+from hncl.infra import tempfiles
+from hncl.config import SHARD_SET, ConfigError, load_config, to_yaml
 from hncl.errors import one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
 
@@ -47,7 +47,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         return 2
     source_opts = {}
     if args.source == "synthetic":
-        source_opts = {"num_samples": 1000 if args.num_samples is None else args.num_samples, "seed": args.seed, "size": args.image_size}
+        source_opts = {"num_samples": SHARD_SET.synthetic_samples if args.num_samples is None else args.num_samples, "seed": args.seed, "size": args.image_size}
     elif args.num_classes and args.source in ("affectnet", "ferplus"):
         source_opts = {"num_classes": args.num_classes}
     ext_opts = {}
@@ -87,44 +87,33 @@ def _cmd_convert_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from hncl import preflight
+    from hncl.infra import preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight.pretrain(cfg, debug=args.debug)
-    from hncl.train.launch import pretrain_local, pretrain_ray
+    from hncl.train.launch import pretrain
 
-    if args.debug:
-        pretrain_local(cfg)
-    else:
-        pretrain_ray(cfg, args.address)
+    pretrain(cfg, debug=args.debug, address=args.address)
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from hncl import preflight
-    from hncl.finetune import finetune_loop
+    from hncl.infra import preflight
+    from hncl.train.launch import FINETUNE_INPUTS, launch
+    from hncl.train.finetune import finetune_loop
 
     cfg = load_config(args.config, _named_run(args, lambda c: f"{c.run.name}-{c.finetune.protocol.value}"))
     preflight.finetune(cfg)
     preflight.own_run_dir(cfg, "finetune")
-    config = {"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "session": "local"}
-    if args.debug:
-        finetune_loop(config)
-    else:
-        from hncl.train.launch import run_on_ray
-
-        run_on_ray(cfg, finetune_loop, args.address,
-                   inputs=("finetune.train_shards", "finetune.test_shards", "finetune.init"))
+    launch(cfg, finetune_loop, debug=args.debug, address=args.address, inputs=FINETUNE_INPUTS)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from hncl import preflight
-    from hncl.finetune import evaluate
+    from hncl.infra import preflight
+    from hncl.evaluate.report import evaluate
 
     def default_name(c) -> str:
         return os.path.basename(os.path.normpath(c.finetune.checkpoint or "model")) + "-eval"
@@ -137,7 +126,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from hncl.predict import format_table, predict, write_rows
+    from hncl.commands.predict import format_table, predict, write_rows
 
     rows = predict(args.checkpoint, args.target, align=args.align)
     print(format_table(rows))
@@ -152,7 +141,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from hncl.export import export
+    from hncl.commands.export import export
 
     report = export(args.checkpoint, args.out)
     print(f"TorchScript {report['torchscript']} (max |diff| {report['torchscript_max_abs_diff']:.2e}), "
@@ -161,7 +150,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hncl.demo import parse_seeds, run_demo, run_seeds
+    from hncl.commands.demo import parse_seeds, run_demo, run_seeds
 
     from hncl.errors import InputError
 
@@ -197,21 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="synthetic",
                    choices=["synthetic", "folder", "unlabeled", "rafdb", "affectnet", "fer2013", "ferplus"])
     p.add_argument("--input", metavar="PATH", help="dataset root (or CSV); not for synthetic")
-    p.add_argument("--num-samples", type=int, help="faces to generate (synthetic; default 1000)")
+    p.add_argument("--num-samples", type=int, help=f"faces to generate (synthetic; default {SHARD_SET.synthetic_samples})")
     p.add_argument("--out", metavar="DIR_OR_S3_URL", help="output folder, e.g. shards/NAME or s3://bucket/prefix")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--extractor", default="landmarks", choices=["landmarks", "dlib", "fan"],
                    help="landmarks: given points (synthetic, affectnet); dlib: offline 68-point model; fan: 2D-FAN-4")
-    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
+    p.add_argument("--shard-size", type=int, default=SHARD_SET.shard_size, help="rows per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="local processes (ignored with --ray)")
     p.add_argument("--ray", metavar="ADDRESS", help="run shards as Ray tasks on a cluster: its address (HOST:PORT, ray://HOST:PORT), 'auto' (the "
                    "cluster $RAY_ADDRESS names or the one running on this machine) or 'local' (a private instance)")
-    p.add_argument("--image-size", type=int, default=112, help="aligned face size in pixels")
-    p.add_argument("--resolution", type=int, default=16, choices=[4, 8, 16, 32, 64], help="stored heatmap R")
-    p.add_argument("--descriptor-dim", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=SHARD_SET.image_size, help="aligned face size in pixels")
+    p.add_argument("--resolution", type=int, default=SHARD_SET.resolution, choices=[4, 8, 16, 32, 64],
+                   help="stored heatmap R")
+    p.add_argument("--descriptor-dim", type=int, default=SHARD_SET.descriptor_dim)
     p.add_argument("--all-points", action="store_true", help="descriptor on all 68 points (default: inner 51)")
-    p.add_argument("--max-skip-fraction", type=float, default=0.05, help="fail above this fraction of skipped rows")
+    p.add_argument("--max-skip-fraction", type=float, default=SHARD_SET.max_skip_fraction, help="fail above this fraction of skipped rows")
     p.add_argument("--num-classes", type=int, choices=[7, 8], help="affectnet / ferplus: with contempt (8) or not")
     p.add_argument("--readers", type=int, help="expected ranks x loader workers (warns if more than shards)")
     p.add_argument("--device", default="cpu", help="fan: torch device")

@@ -69,7 +69,7 @@ class OptimizerName(str, enum.Enum):
 @dataclass
 class ModelConfig:
     # resnet18, resnet50 (torchvision), iresnet18, iresnet50 (face recognition, insightface's
-    # layout), or timm/NAME: any timm model (hncl.backbones); never downloaded: see init_weights
+    # layout), or timm/NAME: any timm model (hncl.core.backbones); never downloaded: see init_weights
     arch: str = "resnet18"
     width: int = 64  # channels of the first stage; 64 = torchvision's ResNet, smaller for CPU tests
     stem: Stem = Stem.imagenet
@@ -96,14 +96,32 @@ class MethodConfig:
     queue_dtype: Dtype = Dtype.float32
 
 
+@dataclass(frozen=True)
+class ShardSetDefaults:
+    """`hncl make-shards`' build options: the one place their defaults live (its flags,
+    make_shards() and the demo read them). A run's descriptor section names what it expects of
+    the set it reads (DescriptorConfig)."""
+
+    image_size: int = 112  # aligned face size in pixels
+    resolution: int = 16  # R: heatmaps stored pooled to 68 x R x R (uint8)
+    descriptor_dim: int = 64  # Dh after the PCA projection (as pure as 256: docs/HEATMAPS.md)
+    inner_only: bool = True  # the descriptor drops the 17 jaw-line points (face shape = identity)
+    shard_size: int = 1000  # rows per shard
+    max_skip_fraction: float = 0.05  # a build fails above this fraction of skipped rows
+    synthetic_samples: int = 1000  # --source synthetic without --num-samples
+
+
+SHARD_SET = ShardSetDefaults()
+
+
 @dataclass
 class DescriptorConfig:
     # The heatmap descriptor is fitted once per shard set, when it is built (hncl make-shards
     # --resolution, --all-points, --descriptor-dim): a run uses the set's. null: whatever the set
     # has; a value: what the run expects of the set, refused when the set differs (never replaced).
-    resolution: Optional[int] = None  # R: heatmaps are stored pooled to 68 x R x R (uint8); make-shards: 16
-    inner_only: Optional[bool] = None  # drop the 17 jaw-line points (face shape = identity); make-shards: true
-    dim: Optional[int] = None  # Dh after the PCA projection; make-shards: 64 (as pure as 256: docs/HEATMAPS.md)
+    resolution: Optional[int] = None  # R of the stored heatmaps (ShardSetDefaults.resolution)
+    inner_only: Optional[bool] = None  # the descriptor on the 51 inner points (ShardSetDefaults.inner_only)
+    dim: Optional[int] = None  # Dh after the PCA projection (ShardSetDefaults.descriptor_dim)
 
 
 @dataclass
@@ -422,7 +440,7 @@ def validate(cfg: DictConfig) -> None:
     _check_finite(cfg)
     m, me, d = cfg.model, cfg.method, cfg.descriptor
     # model (stem: an enum; init_weights: a path; sync_bn: below)
-    from hncl.backbones import check_arch
+    from hncl.core.backbones import check_arch
 
     why = check_arch(m.arch)
     _check(why is None, "model.arch", m.arch, why or "")
@@ -431,7 +449,7 @@ def validate(cfg: DictConfig) -> None:
     for k in ("proj_hidden", "proj_out", "pred_hidden"):
         _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
     # method
-    from hncl.methods import METHODS
+    from hncl.core.methods import METHODS
 
     _check(me.name in METHODS, "method.name", me.name, f"allowed values: {', '.join(METHODS)}")
     _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
@@ -448,7 +466,7 @@ def validate(cfg: DictConfig) -> None:
     _check(me.topk <= me.queue_size, "method.topk", me.topk,
            f"must be <= method.queue_size={me.queue_size} (the neighbours are entries of the queue)")
     # descriptor: null = the shard set's; a value must match the set's (checked against the set in
-    # hncl.preflight.pretrain, before anything is written)
+    # hncl.infra.preflight.pretrain, before anything is written)
     _check(d.resolution is None or d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,
            "allowed values: 4, 8, 16, 32, 64 (divisors of the 64x64 heatmap), or null (the shard set's)")
     _check(d.dim is None or d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1 (or null: the shard set's)")

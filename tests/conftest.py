@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hncl.dist import free_port, spawn_gloo
+from hncl.core.dist import free_port, spawn_gloo
 
 _THREADS = torch.get_num_threads()
 

@@ -144,7 +144,7 @@ def tiny_set(tmp_path_factory):
     (["model.arch=timm/test_convnext", "data.image_size=16"], "data.image_size"),  # nothing left after its strides
 ])
 def test_settings_the_shard_set_or_the_real_ranks_cannot_honour_are_refused(tiny_set, overrides, field):
-    from hncl import preflight
+    from hncl.infra import preflight
 
     cfg = load_config("configs/debug.yaml", [f"data.train_shards={tiny_set}", "data.batch_size=4",
                                              "method.batch_neighbours=3", *overrides])
@@ -154,7 +154,7 @@ def test_settings_the_shard_set_or_the_real_ranks_cannot_honour_are_refused(tiny
 
 
 def test_the_shard_sets_descriptor_is_used_when_the_config_leaves_it_unset(tiny_set):
-    from hncl import preflight
+    from hncl.infra import preflight
 
     cfg = load_config("configs/debug.yaml", [f"data.train_shards={tiny_set}", "data.batch_size=8"])
     assert cfg.descriptor.dim is None

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from hncl.cli import main
-from hncl.demo import RANDOM, parse_seeds
+from hncl.commands.demo import RANDOM, parse_seeds
 
 
 def test_seed_lists():

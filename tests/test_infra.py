@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from hncl import dist as hdist
+from hncl.core import dist as hdist
 
 
 def _rank_sum_and_gather():

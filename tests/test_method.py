@@ -7,13 +7,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hncl.config import ConfigError, load_config
-from hncl.loss import Predictions, multi_positive_nce, nce_per_sample, neighbour_term, positives_term, view_term
-from hncl.methods import METHODS, build_method, method_class
-from hncl.methods.hncl import HNCL, batch_heatmap_neighbours
-from hncl.methods.nnclr import NNCLR
-from hncl.methods.simclr import SimCLR
-from hncl.methods.supervised import Supervised
-from hncl.model import HNCLModel
+from hncl.core.loss import Predictions, multi_positive_nce, nce_per_sample, neighbour_term, positives_term, view_term
+from hncl.core.methods import METHODS, build_method, method_class
+from hncl.core.methods.hncl import HNCL, batch_heatmap_neighbours
+from hncl.core.methods.nnclr import NNCLR
+from hncl.core.methods.simclr import SimCLR
+from hncl.core.methods.supervised import Supervised
+from hncl.core.model import HNCLModel
 
 TAU = 0.15
 

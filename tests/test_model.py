@@ -5,7 +5,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from hncl.model import HNCLModel, ResNetEncoder, load_encoder_weights
+from hncl.core.model import HNCLModel, ResNetEncoder, load_encoder_weights
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -64,7 +64,7 @@ def test_small_model_shapes_and_two_view_forward():
     assert isinstance(m.predictor[-1], torch.nn.Linear)
 
 
-# --- other backbones: timm models and face-recognition IResNets (hncl.backbones) ----------------
+# --- other backbones: timm models and face-recognition IResNets (hncl.core.backbones) ----------------
 FAMILIES = [("timm/test_vit", 32), ("timm/test_convnext", 32), ("iresnet18", 32)]
 
 
@@ -75,7 +75,7 @@ def test_every_family_trains_and_loads_its_own_checkpoint_layout(arch, size, tmp
     features of the network it came from."""
     import timm
 
-    from hncl.backbones import build_encoder
+    from hncl.core.backbones import build_encoder
 
     torch.manual_seed(0)
     model = HNCLModel(arch, width=8, stem="small", proj_hidden=32, proj_out=16, pred_hidden=32, image_size=size)
@@ -105,8 +105,8 @@ def test_iresnet_has_insightfaces_layout_and_a_wrong_family_is_named():
     """iresnet50 at 112 px in the published network's shapes (43.6 M parameters, a 512-d embedding
     from 512 x 7 x 7 cells), so insightface's checkpoints load key for key; weights of another
     family are refused in one line listing what is missing and unexpected."""
-    from hncl.backbones import build_encoder
-    from hncl.model import WeightsError
+    from hncl.core.backbones import build_encoder
+    from hncl.core.model import WeightsError
 
     r50 = build_encoder("iresnet50", 64, "imagenet", 112)
     shapes = {k: tuple(v.shape) for k, v in r50.state_dict().items()}
@@ -133,9 +133,9 @@ def test_every_family_predicts_and_exports(arch, size, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from hncl.classifier import FERClassifier, preprocess, save_classifier
-    from hncl.export import export
-    from hncl.predict import predict
+    from hncl.core.classifier import FERClassifier, preprocess, save_classifier
+    from hncl.commands.export import export
+    from hncl.commands.predict import predict
 
     torch.manual_seed(1)
     model = FERClassifier(arch, 8, "small", num_classes=3, image_size=size).eval()

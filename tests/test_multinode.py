@@ -110,7 +110,7 @@ def committed_step(fs, run_dir):
 def queue_digests_on_s3(fs, checkpoint, world=2):
     import io
 
-    from hncl.queue import state_digest
+    from hncl.core.queue import state_digest
 
     return [state_digest(torch.load(io.BytesIO(fs.cat(f"{checkpoint}/queue_rank{r}.pt")), weights_only=True))
             for r in range(world)]

@@ -62,7 +62,7 @@ def test_layer_decay_gives_each_vit_layer_its_lr_and_every_parameter_one_group()
     biases, norms, pos_embed and cls_token; every parameter in exactly one group."""
     from omegaconf import OmegaConf
 
-    from hncl.model import HNCLModel
+    from hncl.core.model import HNCLModel
     from hncl.train.optim import build_optimizer
 
     model = HNCLModel("timm/test_vit", proj_hidden=16, proj_out=8, pred_hidden=16, image_size=32)

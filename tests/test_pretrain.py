@@ -11,8 +11,8 @@ import torch
 
 from hncl.config import load_config
 from hncl.data.make_shards import ShardJob, make_shards
-from hncl.model import ResNetEncoder, load_encoder_weights
-from hncl.queue import state_digest
+from hncl.core.model import ResNetEncoder, load_encoder_weights
+from hncl.core.queue import state_digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,8 +97,8 @@ def test_debug_mode_runs_in_process_without_ray_and_resumes(shard_set, tmp_path)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_path, monkeypatch):
-    from hncl.methods.hncl import HNCL
-    from hncl.train.launch import pretrain_local
+    from hncl.core.methods.hncl import HNCL
+    from hncl.train.launch import pretrain
     from hncl.train.loop import NonFiniteLossError
 
     real = HNCL.training_step
@@ -117,7 +117,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_
         "run.checkpoint_every": 2, "data.loader_workers": 0, "data.augment_on": "device",
         "method.batch_neighbours": 3}))
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*last good checkpoint"):
-        pretrain_local(cfg)
+        pretrain(cfg, debug=True)
     good = tmp_path / "nan" / "checkpoint_00000002"
     assert (good / "_COMPLETE").exists() and not (tmp_path / "nan" / "checkpoint_00000003").exists()
     state = json.loads((good / "train_state.json").read_text())
@@ -127,11 +127,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_
 
 
 def test_ray_ddp_two_workers_survive_a_killed_worker(shard_set, tmp_path, ray_local):
-    from hncl.train.launch import pretrain_ray
+    from hncl.train.launch import pretrain
 
     cfg = load_config("configs/debug.yaml", overrides(shard_set, tmp_path, "ddp", steps=16, **{
         "dist.num_workers": 2, "dist.max_failures": 1, "run.fail_at_step": 11, "run.fail_rank": 1}))
-    pretrain_ray(cfg)
+    pretrain(cfg)
     run_dir = str(tmp_path / "ddp")
     assert (tmp_path / "ddp" / ".fault_injected").exists()  # rank 1 really died at step 11
     (resume,) = [json.loads(l) for l in open(os.path.join(run_dir, "resumes.jsonl"))]
@@ -152,7 +152,7 @@ def test_ray_ddp_two_workers_survive_a_killed_worker(shard_set, tmp_path, ray_lo
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ray_deepspeed_zero(shard_set, tmp_path, ray_local, stage, request):
     """ZeRO-1 on local storage; ZeRO-2 streams its shards from S3 and checkpoints to S3."""
-    from hncl.train.launch import pretrain_ray
+    from hncl.train.launch import pretrain
 
     if stage == 2:
         fs, bucket = request.getfixturevalue("s3")
@@ -163,7 +163,7 @@ def test_ray_deepspeed_zero(shard_set, tmp_path, ray_local, stage, request):
     cfg = load_config("configs/debug.yaml", overrides(shards, out, f"zero{stage}", **{
         "dist.num_workers": 2, "dist.strategy": "deepspeed", "dist.zero_stage": stage, "optim.name": "adamw",
         "optim.lr": 0.001}))
-    pretrain_ray(cfg)
+    pretrain(cfg)
     if stage == 2:
         local = tmp_path / "from_s3"
         fs.get(f"{bucket}/runs/zero2", str(local), recursive=True)

@@ -6,9 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hncl.loss import Predictions, neighbour_term, positives_term, report, view_term
-from hncl.methods.hncl import batch_heatmap_neighbours
-from hncl.queue import ShardedNeighborQueue, reshard_states, top_k_exact, topk_stable
+from hncl.core.loss import Predictions, neighbour_term, positives_term, report, view_term
+from hncl.core.methods.hncl import batch_heatmap_neighbours
+from hncl.core.queue import ShardedNeighborQueue, reshard_states
+from hncl.core.topk import top_k_exact, topk_stable
 
 Q, K, DH, DE = 24, 3, 6, 5
 STEPS = 7
@@ -43,7 +44,7 @@ class ReferenceQueue:
 
 
 def hncl_loss(z1, z2, p1, p2, nn, valid, in_batch, lam=0.7, tau=0.2):
-    """HNCL's loss from its terms (as hncl.methods.hncl composes them): (rank share, global terms)."""
+    """HNCL's loss from its terms (as hncl.core.methods.hncl composes them): (rank share, global terms)."""
     preds = Predictions.gather(p1, p2)
     terms = {"loss_view": view_term(z1, z2, preds, tau), "loss_nn": neighbour_term(nn, valid, nn, valid, preds, tau),
              "loss_batch_nn": positives_term(z1, z2, preds, in_batch, tau)}

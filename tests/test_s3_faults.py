@@ -16,7 +16,7 @@ import time
 import pytest
 
 from faults import FaultProxy
-from hncl import storage
+from hncl.infra import storage
 from hncl.config import load_config
 from hncl.data.make_shards import ShardJob, make_shards, verify
 from hncl.errors import UserError
@@ -69,7 +69,7 @@ def test_make_shards_survives_an_upload_outage_and_leaves_no_temp_files(faulty_s
         return real_put(local, url)
 
     monkeypatch.setattr(storage, "put_file", put_during_an_outage)
-    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+    with caplog.at_level(logging.INFO, logger="hncl.infra.s3"):
         manifest = synthetic(out)
     assert any("retrying" in r.getMessage() for r in caplog.records)  # the outage was met, and survived
     assert manifest["num_samples"] == 120 and verify(out)["num_samples"] == 120  # every shard, every id once
@@ -88,7 +88,7 @@ def test_an_upload_and_a_read_whose_answers_go_silent_are_retried_after_the_read
     storage.write_bytes(f"s3://{bucket}/warm", b"x")  # a pooled connection that will go silent
     local = tmp_path / "payload.bin"
     local.write_bytes(payload)
-    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+    with caplog.at_level(logging.INFO, logger="hncl.infra.s3"):
         with proxy.outage(7, "blackhole"):
             time.sleep(0.1)
             storage.put_file(str(local), f"s3://{bucket}/silent/upload.bin")
@@ -103,13 +103,13 @@ def test_an_upload_and_a_read_whose_answers_go_silent_are_retried_after_the_read
 
 
 def _debug_run(shards, out, name, **extra):
-    from hncl.train.launch import pretrain_local
+    from hncl.train.launch import pretrain
 
     o = {"data.train_shards": shards, "run.output_dir": out, "run.name": name, "optim.epochs": 1,
          "data.steps_per_epoch": 6, "data.batch_size": 16, "data.loader_workers": 0, "run.log_every": 1,
          "run.checkpoint_every": 3, "method.queue_size": 128, "model.width": 8, "data.image_size": 32,
          "data.shuffle_buffer": 20, **extra}
-    pretrain_local(load_config(os.path.join(REPO, "configs", "debug.yaml"), [f"{k}={v}" for k, v in o.items()]))
+    pretrain(load_config(os.path.join(REPO, "configs", "debug.yaml"), [f"{k}={v}" for k, v in o.items()]), debug=True)
 
 
 def _metrics(url):
@@ -240,7 +240,7 @@ def _cli(args, env, cwd, timeout=120):
 @pytest.mark.slow
 def test_unreachable_wrong_credentials_and_missing_bucket_are_one_line_each(faulty_s3, tmp_path):
     """Each within its deadline (never a hang), one line naming the cause and the URL."""
-    from hncl.dist import free_port
+    from hncl.core.dist import free_port
 
     proxy, bucket = faulty_s3
     shards = f"s3://{bucket}/sets/ok"
@@ -313,7 +313,7 @@ def test_session_tokens_and_profiles_sign_every_request_here_and_in_another_proc
     controller unpickles (in a process without the driver's AWS variables) must carry them."""
     import pickle
 
-    from hncl.raycluster import worker_env
+    from hncl.infra.raycluster import worker_env
 
     proxy, bucket = faulty_s3
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
@@ -367,7 +367,7 @@ def test_reads_whose_body_stalls_after_the_headers_are_retried_until_the_deadlin
     payload = os.urandom(100_000)
     storage.write_bytes(f"s3://{bucket}/body/object", payload)
     proxy.cut_after = 2000  # the headers and the start of the body
-    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+    with caplog.at_level(logging.INFO, logger="hncl.infra.s3"):
         with proxy.outage(2.5, "stall"):
             time.sleep(0.1)
             assert storage.read_bytes(f"s3://{bucket}/body/object") == payload
@@ -386,7 +386,7 @@ def test_a_shard_cut_long_after_it_was_opened_is_reopened_not_lost(faulty_s3, mo
     import tarfile
 
     from hncl.data.shards import ShardSamples, SkipCounter
-    from hncl.s3 import ResilientS3FileSystem
+    from hncl.infra.s3 import ResilientS3FileSystem
 
     proxy, bucket = faulty_s3
     monkeypatch.setenv("HNCL_S3_DEADLINE", "2")
@@ -434,7 +434,7 @@ def test_a_multipart_completion_whose_answer_was_lost_is_a_success(faulty_s3, tm
     fs = storage.s3_filesystem()
     completion = r"POST /\S+\?uploadId="
     proxy.lose_answer_to, proxy.answer_next = completion, (completion, _s3_error("404 Not Found", "NoSuchUpload"))
-    with caplog.at_level(logging.INFO, logger="hncl.s3"):
+    with caplog.at_level(logging.INFO, logger="hncl.infra.s3"):
         fs.put_file(str(local), f"{bucket}/big/object.bin", chunksize=5 * 2**20)
     assert proxy.lose_answer_to is None and proxy.answer_next is None  # both faults were met
     assert storage.read_bytes(f"s3://{bucket}/big/object.bin") == payload

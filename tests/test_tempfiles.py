@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 
-from hncl import tempfiles
+from hncl.infra import tempfiles
 
 MAKE = """
 import os, sys, time
-from hncl import tempfiles
+from hncl.infra import tempfiles
 folder = tempfiles.mkdtemp("ckpt", dir=sys.argv[1])
 open(os.path.join(folder, "model.safetensors"), "wb").write(b"x" * 1000)
 fd, part = tempfiles.mkstemp("upload", suffix=".part", dir=sys.argv[1])

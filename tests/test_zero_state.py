@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hncl.dist import spawn_gloo
+from hncl.core.dist import spawn_gloo
 
 
 def _batch(step: int) -> torch.Tensor:

@@ -27,7 +27,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from hncl import __version__, storage, tempfiles
+from hncl import __version__
+
+from hncl.infra import storage, tempfiles
 from hncl.data.make_shards import MakeShardsError, _clean_stale, _run_all
 from hncl.data.shard_format import FORMAT_V1, FORMAT_V2, check_format, decode_v2, encode_v2
 from hncl.data.shard_writer import add_member, open_tar

@@ -25,11 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hncl import __version__, storage, tempfiles
+from hncl import __version__
+
+from hncl.infra import storage, tempfiles
 from hncl.data.shard_format import DEFAULT_VERSION, FORMAT_V1, FORMATS, check_format, decode_v2, sample_member
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
-from hncl.dist import torch_threads
+from hncl.config import SHARD_SET
+from hncl.core.dist import torch_threads
 from hncl.errors import UserError, user_error_in
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.extractors import get_extractor
@@ -52,8 +55,8 @@ class ShardJob:
     source_options: tuple = ()  # sorted (key, value) pairs
     extractor: str = "landmarks"
     extractor_options: tuple = ()
-    image_size: int = 112
-    resolution: int = 16
+    image_size: int = SHARD_SET.image_size
+    resolution: int = SHARD_SET.resolution
     batch_size: int = 32
     format_version: int = DEFAULT_VERSION  # 2, or 1 for readers older than hncl-shards/2
 
@@ -132,7 +135,7 @@ def _run_all(job, todo: List[tuple], workers: int, ray_address: Optional[str], p
         if ray_address:
             import ray
 
-            from hncl.raycluster import connect_ray, require_visible, worker_env
+            from hncl.infra.raycluster import connect_ray, require_visible, worker_env
 
             connect_ray(ray_address)  # 'auto': the cluster on this machine; 'local': a private instance
             require_visible([("--out", job.out, "output")])  # every node writes shards there
@@ -192,8 +195,9 @@ def read_heatmaps(out: str, shard_names: List[str], limit: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays[:limit])) if arrays else torch.empty(0)
 
 
-def make_shards(job: ShardJob, shard_size: int = 1000, workers: int = 1, ray_address: Optional[str] = None,
-                max_skip_fraction: float = 0.05, descriptor_dim: int = 64, inner_only: bool = True,
+def make_shards(job: ShardJob, shard_size: int = SHARD_SET.shard_size, workers: int = 1,
+                ray_address: Optional[str] = None, max_skip_fraction: float = SHARD_SET.max_skip_fraction,
+                descriptor_dim: int = SHARD_SET.descriptor_dim, inner_only: bool = SHARD_SET.inner_only,
                 seed: int = 0, readers: Optional[int] = None, command: str = "", progress: bool = True,
                 log=print) -> dict:
     """Build (or resume) the shard set `job.out`; returns the manifest."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hncl import tempfiles
+from hncl.infra import tempfiles
 from hncl.data.shard_format import DEFAULT_VERSION, FORMATS, V2_SUFFIX, encode_v2
 from hncl.data.sources import CLASSES, Source, SourceError, SourceItem
 from hncl.heatmaps.align import apply_affine, similarity_to_template, warp

@@ -16,7 +16,7 @@ Both shard formats are read (hncl/data/shard_format.py): v1's four members per s
 one; both decode to the same sample. A set in any other format is refused when it is opened.
 
 Lost data is skipped, not fatal, and counted in *samples*: a corrupt sample is one; a shard that
-cannot be read (missing object, S3 unreachable after hncl.storage's retries, access denied) or
+cannot be read (missing object, S3 unreachable after hncl.infra.storage's retries, access denied) or
 that breaks off early (truncated, cut connection) loses the samples its manifest says it holds
 beyond those delivered. Every batch carries the counts its worker accumulated since its previous
 batch by reason (`batch["skipped"]`) and where (`batch["skipped_where"]`: shards or samples),
@@ -50,7 +50,7 @@ try:
 except ImportError:  # optional speed-up; PIL decodes everything
     simplejpeg = None
 
-from hncl import storage
+from hncl.infra import storage
 from hncl.data.epoch_plan import EpochPlan, StreamState
 from hncl.data.shard_format import V2_SUFFIX, CorruptSample, check_format, decode_v2
 from hncl.errors import InputError, UserError
@@ -63,7 +63,7 @@ def _s3_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return storage.open_stream(url)
 
 
-# webdataset opens URLs through its gopen table; route s3:// through hncl.storage (s3fs with
+# webdataset opens URLs through its gopen table; route s3:// through hncl.infra.storage (s3fs with
 # timeouts and retries; no shell pipes)
 importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _s3_gopen
 

@@ -1,10 +1,10 @@
 """One rank's training machinery, the same for pretraining, full fine-tuning and linear probing:
 the device, the strategy (DDP or DeepSpeed), mixed precision, the step (backward, gradient
 clipping, optimiser, scheduler), checkpoints (model, optimiser, scheduler, RNG and a method's
-per-rank state, e.g. its queue slice), the metrics log and fault injection.
+per-rank state, e.g. its queue slice) and the metrics log (fault injection for tests: hncl.train.faults).
 
 What is trained, on which data and with which loss is the caller's: `hncl.train.loop` for
-pretraining (a Method from hncl/methods), `hncl.finetune` for fine-tuning and probing.
+pretraining (a Method from hncl/core/methods), `hncl.train.finetune` for fine-tuning and probing.
 
 Checkpoint folder (one per saved step; written through a Session: Ray Train or a plain run
 directory): model.safetensors, optimizer.pt, scheduler.pt if the caller has one (or DeepSpeed's
@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from hncl import dist as hdist
-from hncl import storage
+from hncl.core import dist as hdist
+from hncl.infra import storage
 from hncl.config import run_dir as run_dir_of
 from hncl.config import value
 from hncl.errors import UserError
@@ -288,7 +288,7 @@ class Engine:
 
     def _record_resume(self, state: dict, method) -> None:
         """Append to resumes.jsonl which step the run came back from and a digest of every rank's
-        restored method state (compare with hncl.queue.state_digest of the checkpoint's files)."""
+        restored method state (compare with hncl.core.queue.state_digest of the checkpoint's files)."""
         digests = hdist.gather_objects(method.digest() if method is not None else None)
         if self.rank == 0:
             url = storage.join(self.run_dir, "resumes.jsonl")
@@ -296,19 +296,6 @@ class Engine:
             line = json.dumps({"step": state["step"], "saved_world_size": state["world_size"], "world_size": self.world,
                                "queue_digests": digests, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             storage.write_bytes(url, (old + line + "\n").encode())
-
-    # -- faults --------------------------------------------------------------------------------
-    def maybe_fail(self, step: int) -> None:
-        """Fault injection for tests (run.fail_at_step / run.fail_rank): that rank dies once."""
-        cfg = self.cfg.run
-        if cfg.fail_at_step is None or step != cfg.fail_at_step or self.rank != cfg.fail_rank:
-            return
-        marker = storage.join(self.run_dir, ".fault_injected")
-        if storage.exists(marker):
-            return
-        storage.write_bytes(marker, b"")
-        print(f"[hncl] fault injection: rank {self.rank} exits at step {step}", flush=True)
-        os._exit(1)
 
     def close(self) -> None:
         if self.log is not None:

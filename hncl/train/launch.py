@@ -1,56 +1,60 @@
-"""Start pretraining: in this process (debug mode, or one torchrun rank) or on a Ray cluster."""
+"""Run a worker function (pretraining, fine-tuning, a benchmark's): in this process (debug mode,
+or one torchrun rank) or on a Ray cluster; `launch` is the one path every command takes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from hncl.config import run_dir as run_dir_of
 from hncl.config import value
-from hncl.raycluster import connect_ray
-from hncl.train.loop import init_local_process_group, train_loop_per_worker
+from hncl.infra.raycluster import connect_ray
+from hncl.train.loop import train_loop_per_worker
 
 
-def _container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+# what each command's worker reads besides run.output_dir: on a cluster of several nodes every
+# node must see them before any worker starts (hncl.infra.preflight.cluster_storage)
+PRETRAIN_INPUTS = ("data.train_shards", "model.init_weights")
+FINETUNE_INPUTS = ("finetune.train_shards", "finetune.test_shards", "finetune.init")
 
 
-def pretrain_local(cfg) -> dict:
-    """Debug mode: the same loop in this process, no Ray (breakpoints work). Under torchrun,
-    each process is one rank of a gloo/nccl group."""
-    config = {"cfg": _container(cfg), "session": "local"}
-    if value(cfg.dist.strategy) != "deepspeed":
-        init_local_process_group()  # under torchrun; a single plain process needs none
-        return train_loop_per_worker(config)
-    # DeepSpeed looks for MPI unless the torch.distributed variables are set, and needs a group
-    from hncl.dist import free_port, local_process_group
+def worker_config(cfg, session: str) -> dict:
+    """What every worker function takes: the resolved config as plain data (it crosses to Ray's
+    workers) and where it runs, "local" (this process, or one torchrun rank) or "ray"."""
+    return {"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "session": session}
 
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    with local_process_group("nccl" if cfg.dist.use_gpu else "gloo", env):
-        return train_loop_per_worker(config)
+
+def launch(cfg, worker: Callable[[dict], dict], *, debug: bool = False, address: Optional[str] = None,
+           inputs: Sequence[str] = ()) -> dict:
+    """The one way a worker function runs: debug, in this process (no Ray; breakpoints work),
+    and under torchrun each process is one rank (the worker joins the group torchrun describes);
+    otherwise on dist.num_workers Ray Train workers of the cluster in `address` / RAY_ADDRESS,
+    else of a private local Ray instance. Returns rank 0's result."""
+    if debug:
+        return worker(worker_config(cfg, "local"))
+    return run_on_ray(cfg, worker, address, inputs)
+
+
+def pretrain(cfg, *, debug: bool = False, address: Optional[str] = None) -> dict:
+    """Pretraining (Ray Train restarts failed workers from the last checkpoint up to
+    dist.max_failures times; rerunning with the same run.name resumes)."""
+    return launch(cfg, train_loop_per_worker, debug=debug, address=address, inputs=PRETRAIN_INPUTS)
 
 
 def _storage(output_dir: str):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. Ray's controller actor
     unpickles the filesystem in another process, whose environment may lack the AWS variables:
-    the instance carries this process's credentials (hncl.storage.portable_s3_filesystem)."""
+    the instance carries this process's credentials (hncl.infra.storage.portable_s3_filesystem)."""
     if not output_dir.startswith("s3://"):
         return os.path.abspath(output_dir), None
     import pyarrow.fs
 
-    from hncl import storage
+    from hncl.infra import storage
 
     return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.portable_s3_filesystem(output_dir)))
-
-
-def pretrain_ray(cfg, address: Optional[str] = None) -> dict:
-    """Ray Train: TorchTrainer with one worker per rank, restarts from the last checkpoint on
-    failure (dist.max_failures); rerunning with the same run.name resumes."""
-    return run_on_ray(cfg, train_loop_per_worker, address, inputs=("data.train_shards", "model.init_weights"))
 
 
 def _capacity(nodes, bundle: dict, placement: str) -> int:
@@ -67,7 +71,7 @@ def _capacity(nodes, bundle: dict, placement: str) -> int:
 
 def _resources_line(cfg, bundle: dict) -> tuple:
     """(what the workers need, what the cluster has, workers missing) in words."""
-    from hncl.raycluster import alive_nodes, describe
+    from hncl.infra.raycluster import alive_nodes, describe
 
     placement = value(cfg.dist.placement)
     nodes = alive_nodes()
@@ -84,7 +88,7 @@ def last_committed_checkpoint(run_dir: str) -> Optional[tuple]:
     checkpoint_manager_snapshot.json (a checkpoint folder can exist before it is committed)."""
     import json
 
-    from hncl import storage
+    from hncl.infra import storage
 
     url = storage.join(run_dir, "checkpoint_manager_snapshot.json")
     try:
@@ -134,9 +138,9 @@ def _stopped(cfg, bundle: dict, run_dir: str, why: str) -> str:
 def _resume_smaller(cfg, bundle: dict, missing: int, checkpoint: Optional[str]) -> str:
     """How to go on now on the nodes there are: the most workers the cluster holds that split the
     run's global batch and queue evenly (a resume on another world size continues the run)."""
-    from hncl.raycluster import alive_nodes
+    from hncl.infra.raycluster import alive_nodes
 
-    from hncl import storage
+    from hncl.infra import storage
 
     if not missing or checkpoint is None:
         return ""
@@ -170,14 +174,14 @@ def _env(**values: str):
 
 
 def run_on_ray(cfg, loop, address: Optional[str] = None, inputs: Sequence[str] = ()) -> dict:
-    """Run `loop({"cfg", "session": "ray"})` on dist.num_workers Ray Train workers. Before any
+    """Run `loop(worker_config(cfg, "ray"))` on dist.num_workers Ray Train workers. Before any
     worker starts, on a cluster of several nodes every node must see run.output_dir and the
     `inputs` (config fields naming files or sets) as this driver does."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hncl import preflight
-    from hncl.raycluster import ClusterError, worker_env
+    from hncl.infra import preflight
+    from hncl.infra.raycluster import ClusterError, worker_env
 
     where = connect_ray(address)
     preflight.cluster_storage(cfg, inputs)
@@ -192,7 +196,7 @@ def run_on_ray(cfg, loop, address: Optional[str] = None, inputs: Sequence[str] =
     placement = value(cfg.dist.placement)
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"cfg": _container(cfg), "session": "ray"},
+        train_loop_config=worker_config(cfg, "ray"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=bundle, placement_strategy=placement),

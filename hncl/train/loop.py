@@ -21,15 +21,16 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from hncl import dist as hdist
-from hncl import storage, tempfiles
+from hncl.core import dist as hdist
+from hncl.infra import storage, tempfiles
 from hncl.config import Config, check_ranks, run_dir, validate, value
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
 from hncl.data.epoch_plan import StreamState
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
 from hncl.errors import InputError, UserError
-from hncl.methods import build_method
-from hncl.model import HNCLModel
+from hncl.core.methods import build_method
+from hncl.core.model import HNCLModel
+from hncl.train import faults
 from hncl.train.engine import Engine, device_for, prepare_model, read_train_state, seed_everything
 from hncl.train.optim import SampleSchedule, build_optimizer
 from hncl.train.session import LocalSession, RaySession, Session
@@ -59,7 +60,7 @@ class Trainer:
         self.rank, self.world = session.rank, session.world_size
         self.device = device_for(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards)
-        from hncl.preflight import descriptor_matches
+        from hncl.infra.preflight import descriptor_matches
 
         descriptor_matches(cfg, self.shards)  # the driver checked it too; a worker may be started directly
         self.readers_per_rank = max(1, cfg.data.loader_workers)
@@ -275,7 +276,7 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.global_batch
             window_samples += self.global_batch
-            self.engine.maybe_fail(self.step)
+            faults.maybe_fail(cfg.run, self.engine.run_dir, self.rank, self.step)
             last = self.samples_seen >= self.schedule.total_samples
             if self.step % cfg.run.log_every == 0 or last:
                 skipped = self._global_skipped()
@@ -355,12 +356,19 @@ def tempfile_path():
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Entry point of every worker. config: {"cfg": resolved config dict, "session": "ray"|"local"}."""
+    """Entry point of every worker (hncl.train.launch.worker_config)."""
     tempfiles.sweep_orphans_once()
     cfg = typed_config(config["cfg"])
     folder = run_dir(cfg)
-    session: Session = RaySession(folder) if config.get("session") == "ray" else \
-        LocalSession(folder, keep=cfg.run.keep_checkpoints)
+    if config.get("session") == "ray":
+        return _train(cfg, RaySession(folder))
+    with local_group(cfg):
+        return _train(cfg, LocalSession(folder, keep=cfg.run.keep_checkpoints))
+
+
+def _train(cfg, session: Session) -> dict:
+    """One rank's pretraining run, checkpointing through `session`."""
+    folder = run_dir(cfg)
     trainer = Trainer(cfg, session)  # opens and checks the inputs: a refusal leaves nothing written
     if session.rank == 0:
         try:
@@ -370,6 +378,21 @@ def train_loop_per_worker(config: dict) -> dict:
         storage.write_bytes(storage.join(folder, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
     with hdist.torch_threads(cfg.dist.cpus_per_worker):
         return trainer.fit()
+
+
+@contextlib.contextmanager
+def local_group(cfg):
+    """Debug mode and torchrun ranks: the group torchrun describes (none for one plain process).
+    DeepSpeed needs a group even alone, and looks for MPI unless the torch.distributed variables
+    are set: a one-rank gloo/nccl group, destroyed on exit, with the variables torchrun did not set."""
+    if value(cfg.dist.strategy) != "deepspeed":
+        init_local_process_group()
+        yield
+        return
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(hdist.free_port())}
+    with hdist.local_process_group("nccl" if cfg.dist.use_gpu else "gloo", env):
+        yield
 
 
 def init_local_process_group() -> None:

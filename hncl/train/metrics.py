@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import Dict, List
 
-from hncl import storage, tempfiles
+from hncl.infra import storage, tempfiles
 
 _SHOWN = ("loss", "loss_view", "loss_nn", "nn_purity", "queue_fill", "lr", "images_per_s", "skipped")
 

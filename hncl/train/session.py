@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch.distributed as dist
 
-from hncl import dist as hdist
-from hncl import storage, tempfiles
+from hncl.core import dist as hdist
+from hncl.infra import storage, tempfiles
 
 COMPLETE = "_COMPLETE"
 log = logging.getLogger(__name__)

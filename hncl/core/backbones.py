@@ -1,6 +1,6 @@
 """The encoders hncl pretrains: image -> pooled feature vector, each in its own key layout.
 
-- `resnet18`, `resnet50`: torchvision's ResNet (hncl.model.ResNetEncoder), any base width.
+- `resnet18`, `resnet50`: torchvision's ResNet (hncl.core.model.ResNetEncoder), any base width.
 - `iresnet18`, `iresnet50`: the IResNet of face recognition (ArcFace / insightface's
   `arcface_torch` layout: pre-activation blocks with PReLU, a stride-1 stem, a BN-FC-BN
   embedding head), so insightface checkpoints load as they are. Its feature is the 512-d
@@ -49,7 +49,7 @@ def build_encoder(arch: str, width: int = 64, stem: str = "imagenet", image_size
     if why:
         raise ValueError(f"model.arch={arch!r}: {why}")
     if arch in TORCHVISION:
-        from hncl.model import ResNetEncoder
+        from hncl.core.model import ResNetEncoder
 
         encoder = ResNetEncoder(arch, width, stem)
         encoder.classifier_keys = ("fc.",)

@@ -23,10 +23,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from hncl.config import load_config
+from hncl.config import SHARD_SET, load_config
 from hncl.errors import InputError
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # hncl/commands/ -> the checkout
+CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 METHODS = {  # demo name -> method settings (everything else is shared: configs/demo.yaml)
     # queue heatmap neighbours + each face's 5 nearest heatmaps in the global batch (see README)
     "hncl": {"method.name": "hncl", "method.batch_neighbours": 5},
@@ -46,7 +47,7 @@ def _shards(out: str, split: str, ids: int, per_id: int, seed: int, log) -> str:
     path = os.path.join(out, "shards", split)
     job = ShardJob(source="synthetic", out=path, split=split,
                    source_options=(("num_samples", ids * per_id), ("seed", seed), ("size", 112)))
-    make_shards(job, shard_size=max(50, ids * per_id // 8), descriptor_dim=64, seed=seed, progress=False,
+    make_shards(job, shard_size=max(50, ids * per_id // 8), descriptor_dim=SHARD_SET.descriptor_dim, seed=seed, progress=False,
                 log=lambda m: log(f"      {m}"))
     return path
 
@@ -62,8 +63,8 @@ def _training_purity(run_dir: str, key: str = "nn_purity") -> Optional[float]:
 
 def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: bool = False,
              steps: Optional[int] = None, identities: Optional[tuple] = None, log=print) -> Dict:
-    from hncl.finetune import finetune_loop
-    from hncl.train.launch import pretrain_local, pretrain_ray
+    from hncl.train.finetune import finetune_loop
+    from hncl.train.launch import launch, pretrain
 
     t_start = time.time()
     n_train, n_test, per_id, default_steps = SIZES["quick" if quick else "default"]
@@ -85,7 +86,7 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
     common = {"data.train_shards": train, "run.output_dir": os.path.join(out, "runs"), "run.seed": seed,
               "data.steps_per_epoch": steps, "dist.num_workers": workers, "data.batch_size": base * 2 // workers}
     if not debug:
-        from hncl.raycluster import connect_ray
+        from hncl.infra.raycluster import connect_ray
 
         log(f"[demo] Ray: {connect_ray(num_cpus=2)}")
     results: Dict[str, Dict] = {}
@@ -96,12 +97,11 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
         log(f"[demo 2/4] pretraining {i}/3: {name} ({steps} steps, global batch {base * 2}, "
             f"{'1 process' if debug else '2 Ray workers'})")
         t0 = time.time()
-        (pretrain_local if debug else pretrain_ray)(cfg)
+        pretrain(cfg, debug=debug)
         results[name] = {"training_seconds": round(time.time() - t0, 1),
                          "neighbour_purity": _training_purity(run_dir),
                          "batch_neighbour_purity": _training_purity(run_dir, "batch_nn_purity")}
     log("[demo 3/4] linear probe + kNN of each frozen encoder on expression (held-out identities)")
-    from omegaconf import OmegaConf
 
     results[RANDOM] = {"training_seconds": 0.0, "neighbour_purity": None, "batch_neighbour_purity": None}
     for name in [*METHODS, RANDOM]:
@@ -109,7 +109,7 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={test}",
                                    f"finetune.init={init}", f"run.output_dir={os.path.join(out, 'probe')}",
                                    f"run.name={name}", f"run.seed={seed}", "data.loader_workers=1"])
-        report = finetune_loop({"cfg": OmegaConf.to_container(cfg, enum_to_str=True), "session": "local"})
+        report = launch(cfg, finetune_loop, debug=True)  # on the driver: the probe is small
         results[name].update(linear_acc=report["accuracy"], linear_macro_f1=report["macro_f1"],
                              knn_acc=report["knn"]["accuracy"],
                              per_class_acc={c: round(v["recall"], 4) for c, v in report["per_class"].items()},

@@ -18,8 +18,8 @@ Example (one process)::
 
     >>> import torch
     >>> from hncl.config import load_config
-    >>> from hncl.methods import build_method
-    >>> from hncl.model import HNCLModel
+    >>> from hncl.core.methods import build_method
+    >>> from hncl.core.model import HNCLModel
     >>> cfg = load_config("configs/debug.yaml", ["method.queue_size=64", "method.batch_neighbours=1",
     ...                                          "descriptor.dim=2"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from hncl import dist as hdist
-from hncl.loss import Predictions, neighbour_term, positives_term, report, view_term
-from hncl.methods.base import QueueMethod
-from hncl.queue import topk_stable
+from hncl.core import dist as hdist
+from hncl.core.loss import Predictions, neighbour_term, positives_term, report, view_term
+from hncl.core.methods.base import QueueMethod
+from hncl.core.topk import topk_stable
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ class HNCL(QueueMethod):
 
     def __init__(self, cfg, model, key_dim=None, **kwargs):
         # the search keys are the shard set's descriptors; a descriptor.dim set in the config was
-        # checked against the set before the run started (hncl.preflight.pretrain)
+        # checked against the set before the run started (hncl.infra.preflight.pretrain)
         descriptor = kwargs.get("descriptor")
         # (no set, descriptors given in the batch: descriptor.dim, else make-shards' default of 64)
         key_dim = key_dim or getattr(descriptor, "dim", None) or cfg.descriptor.dim or 64

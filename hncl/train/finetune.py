@@ -1,62 +1,33 @@
-"""Fine-tuning and evaluation on labelled shard sets: linear probe, full fine-tuning, kNN, and
-heatmap-neighbour diagnostics. Writes metrics.json, confusion_matrix.png and curves into the
-run directory.
+"""Fine-tuning on labelled shard sets: the linear probe and full fine-tuning, on one rank or
+several; the report (metrics, kNN, diagnostics, plots) is hncl/evaluate/report.py's.
 
 - linear: the frozen encoder's features (eval mode, no augmentation) are computed once, then a
   linear head is trained on them (the standard linear-evaluation protocol, and fast on a CPU).
 - finetune: encoder + head trained end to end on augmented faces (random resized crop 0.8-1,
   flip, colour jitter, random erasing), the encoder at `encoder_lr_scale` x the head's lr; DDP
   when run on several ranks (Ray Train or torchrun), evaluation on rank 0.
-- kNN: cosine kNN of frozen features with faiss, weighted vote exp(cos / T).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from hncl import dist as hdist
-from hncl import storage, tempfiles
-from hncl.classifier import FERClassifier, build_classifier, load_classifier, preprocess, save_classifier
 from hncl.config import ConfigError, run_dir, value
+from hncl.core import dist as hdist
+from hncl.core.classifier import FERClassifier, build_classifier
 from hncl.data.augment import MEAN, STD
-from hncl.data.shards import ShardSet, eval_pipeline, iterate_forever, loader, train_pipeline
+from hncl.data.shards import ShardSet, iterate_forever, loader, train_pipeline
 from hncl.data.sources import CLASSES
-from hncl.evaluate import knn
-from hncl.evaluate.metrics import classification_report, confusion_matrix
-from hncl.evaluate.plots import confusion_png, curves_png, neighbour_grid_png
+from hncl.evaluate.features import extract, predict_set
+from hncl.evaluate.report import write_report
 from hncl.train.engine import Engine, device_for
-
-
-@torch.no_grad()
-def extract(shards: ShardSet, encoder: Optional[torch.nn.Module], image_size: int, device, batch_size: int = 128,
-            keep_images: int = 0, workers: int = 2) -> Dict[str, np.ndarray]:
-    """One exact pass: encoder features, labels, ids, heatmaps (and the first `keep_images` faces)."""
-    out: Dict[str, list] = {"feats": [], "label": [], "id": [], "heatmap": [], "images": []}
-    kept = 0
-    if encoder is not None:
-        encoder.eval()
-    for batch in loader(eval_pipeline(shards, batch_size), num_workers=workers):
-        if encoder is not None:
-            out["feats"].append(encoder(preprocess(batch["image"].to(device), image_size)).float().cpu())
-        out["label"].append(batch["label"])
-        out["id"].append(batch["id"])
-        out["heatmap"].append(batch["heatmap"])
-        if kept < keep_images:
-            imgs = batch["image"][: keep_images - kept].permute(0, 2, 3, 1)
-            out["images"].append(imgs)
-            kept += len(imgs)
-    return {k: torch.cat(v).numpy() for k, v in out.items() if v}
 
 
 def fer_augment(size: int) -> v2.Compose:
@@ -198,98 +169,3 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
             dist.barrier()
         history.append(record)
     return history
-
-
-@torch.no_grad()
-def predict_set(model: FERClassifier, shards: ShardSet, image_size: int, device, workers: int = 2) -> Dict[str, np.ndarray]:
-    model.eval()
-    preds, labels, probs = [], [], []
-    for batch in loader(eval_pipeline(shards, 128), num_workers=workers):
-        logits = model(preprocess(batch["image"].to(device), image_size))
-        probs.append(logits.softmax(1).cpu())
-        preds.append(logits.argmax(1).cpu())
-        labels.append(batch["label"])
-    return {"pred": torch.cat(preds).numpy(), "label": torch.cat(labels).numpy(), "prob": torch.cat(probs).numpy()}
-
-
-def neighbour_diagnostics(test: dict, descriptor, classes: List[str], folder: str, k: int = 5,
-                          grid_rows: int = 6, kind: str = "flat") -> dict:
-    """Purity of heatmap vs embedding nearest neighbours vs chance on a labelled set, and a PNG
-    grid of query faces with their top heatmap neighbours."""
-    labels = test["label"]
-    mask = labels >= 0
-    desc = descriptor(torch.from_numpy(test["heatmap"])).numpy()
-    out = {"chance": knn.chance_purity(labels[mask]),
-           "heatmap_k1": knn.neighbour_purity(desc[mask], labels[mask], 1, kind),
-           f"heatmap_k{k}": knn.neighbour_purity(desc[mask], labels[mask], k, kind)}
-    if "feats" in test:
-        out["embedding_k1"] = knn.neighbour_purity(test["feats"][mask], labels[mask], 1, kind)
-        out[f"embedding_k{k}"] = knn.neighbour_purity(test["feats"][mask], labels[mask], k, kind)
-    if "images" in test and len(test["images"]) > grid_rows:
-        n = len(test["images"])
-        queries = np.linspace(0, n - 1, grid_rows).astype(int)  # spread over the kept faces
-        _, idx = knn.search(desc[:n], desc[queries], k + 1)
-        neighbours = np.array([[j for j in row if j != q][:k] for q, row in zip(queries, idx)])
-        # the grid shows image r as row r's query: put the queries first
-        images = np.concatenate([test["images"][queries], test["images"]])
-        lab = np.concatenate([labels[queries], labels[:n]])
-        rows = neighbours + grid_rows
-        neighbour_grid_png(images, lab, rows, classes, os.path.join(folder, "neighbour_grid.png"))
-    return out
-
-
-def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, device, folder: str,
-                 history: List[dict], protocol: str, seconds: float = 0.0) -> dict:
-    """Classifier metrics, kNN and neighbour diagnostics -> metrics.json + PNGs in `folder` (local or a URL)."""
-    ft = cfg.finetune
-    classes = list(CLASSES[:ft.num_classes])
-    remote = storage.is_remote(folder)
-    local = tempfiles.mkdtemp("report") if remote else folder
-    os.makedirs(local, exist_ok=True)
-    size = cfg.data.image_size
-    te_pred = predict_set(model, test_set, size, device, cfg.data.loader_workers)
-    mask = te_pred["label"] >= 0
-    cm = confusion_matrix(te_pred["label"][mask], te_pred["pred"][mask], ft.num_classes)
-    report = classification_report(cm, classes)
-    tr = extract(train_set, model.encoder, size, device, workers=cfg.data.loader_workers)
-    te = extract(test_set, model.encoder, size, device, keep_images=256, workers=cfg.data.loader_workers)
-    tmask = tr["label"] >= 0
-    knn_pred = knn.knn_predict(tr["feats"][tmask], tr["label"][tmask], te["feats"][mask], ft.num_classes,
-                               ft.knn_k, ft.knn_temperature, value(ft.knn_index))
-    knn_cm = confusion_matrix(te["label"][mask], knn_pred, ft.num_classes)
-    report.update({
-        "protocol": protocol, "init": ft.init, "encoder": spec, "train_shards": ft.train_shards,
-        "test_shards": ft.test_shards, "knn": {"k": ft.knn_k, "temperature": ft.knn_temperature,
-                                                **{k: v for k, v in classification_report(knn_cm, classes).items()
-                                                   if k in ("accuracy", "mean_class_accuracy", "macro_f1")}},
-        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=value(ft.knn_index)),
-        "history": history, "seconds": seconds,
-    })
-    confusion_png(cm, classes, os.path.join(local, "confusion_matrix.png"),
-                  f"{protocol}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
-    if history:
-        curves_png(history, [k for k in ("train_loss", "test_accuracy") if k in history[0]],
-                   os.path.join(local, "curves.png"), protocol)
-    save_classifier(model, local, spec, classes, size)
-    with open(os.path.join(local, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if remote:
-        storage.upload_dir(local, folder)
-        shutil.rmtree(local, ignore_errors=True)
-    print(f"[hncl] {protocol}: accuracy {report['accuracy']:.3f}  mean class accuracy "
-          f"{report['mean_class_accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  kNN {report['knn']['accuracy']:.3f}"
-          f"  -> {folder}", flush=True)
-    return report
-
-
-def evaluate(cfg) -> dict:
-    """`hncl evaluate`: a saved classifier (finetune.checkpoint) on finetune.test_shards, with kNN
-    against finetune.train_shards and the neighbour diagnostics."""
-    ft = cfg.finetune
-    if not ft.checkpoint or not ft.test_shards or not ft.train_shards:
-        raise ConfigError("config error: evaluate needs finetune.checkpoint, finetune.train_shards and "
-                         "finetune.test_shards")
-    model, meta = load_classifier(ft.checkpoint)
-    spec = {k: meta[k] for k in ("arch", "width", "stem")}
-    return write_report(model, spec, cfg, ShardSet.open(ft.train_shards), ShardSet.open(ft.test_shards),
-                        torch.device("cpu"), run_dir(cfg), [], "evaluate")

@@ -3,7 +3,7 @@
 The built-in encoder is torchvision's own ResNet class built with a configurable base width, so
 at width 64 it is exactly torchvision's resnet18/resnet50 (same modules, same state-dict keys) and
 external torchvision-keyed weights load directly; smaller widths give CPU-sized test models.
-IResNet and any timm model are the other encoders (hncl.backbones); the projector attaches to
+IResNet and any timm model are the other encoders (hncl.core.backbones); the projector attaches to
 whatever width the encoder's feature has.
 """
 
@@ -77,7 +77,7 @@ class HNCLModel(nn.Module):
                  proj_layers: int = 3, proj_hidden: int = 2048, proj_out: int = 256,
                  pred_hidden: int = 4096, image_size: int = 112):
         super().__init__()
-        from hncl.backbones import build_encoder
+        from hncl.core.backbones import build_encoder
 
         self.encoder = build_encoder(arch, width, stem, image_size)
         self.projector = mlp(self.encoder.out_dim, proj_hidden, proj_out, proj_layers, last_bn=True)

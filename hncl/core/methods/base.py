@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.profiler import record_function
 
-from hncl import dist as hdist
-from hncl.queue import ShardedNeighborQueue, reshard_states
+from hncl.core import dist as hdist
+from hncl.core.queue import ShardedNeighborQueue, reshard_states
 
 Batch = Dict[str, torch.Tensor]
 

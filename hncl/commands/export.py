@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import torch
 
-from hncl.classifier import load_classifier
+from hncl.core.classifier import load_classifier
 
 TOLERANCE = 1e-4
 

@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from hncl import dist as hdist
+from hncl.core import dist as hdist
 
 
 def nce_per_sample(anchors: torch.Tensor, candidates: torch.Tensor, offset: int,

@@ -13,8 +13,8 @@ Example (one process)::
 
     >>> import torch
     >>> from hncl.config import load_config
-    >>> from hncl.methods import build_method
-    >>> from hncl.model import HNCLModel
+    >>> from hncl.core.methods import build_method
+    >>> from hncl.core.model import HNCLModel
     >>> cfg = load_config("configs/debug.yaml", ["method.name=supervised"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
     >>> x = torch.randn(4, 3, 32, 32)
@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from hncl import dist as hdist
-from hncl.loss import Predictions, positives_term, report, view_term
-from hncl.methods.base import Method
+from hncl.core import dist as hdist
+from hncl.core.loss import Predictions, positives_term, report, view_term
+from hncl.core.methods.base import Method
 
 
 def label_positives(labels: torch.Tensor) -> torch.Tensor:

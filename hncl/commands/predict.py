@@ -1,6 +1,6 @@
 """`hncl predict`: expressions for an image or a folder of images, with a trained classifier.
 
-Faces are centre-cropped to a square and resized (see hncl.classifier), or with --align dlib
+Faces are centre-cropped to a square and resized (see hncl.core.classifier), or with --align dlib
 aligned on eyes and nose exactly as make_shards does, after dlib has found a face. Every file
 gets a row; unreadable files and images with no face have a status instead of an expression.
 """
@@ -15,7 +15,7 @@ from typing import List
 import numpy as np
 import torch
 
-from hncl.classifier import load_classifier, preprocess
+from hncl.core.classifier import load_classifier, preprocess
 from hncl.data.sources import IMAGE_EXTENSIONS, SourceError, SourceItem, load_rgb
 from hncl.errors import InputError
 from hncl.heatmaps.detect import NO_FACE

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from hncl.config import value
 from hncl.data.augment import MEAN, STD
 from hncl.errors import InputError
-from hncl.backbones import build_encoder
-from hncl.model import load_encoder_weights
+from hncl.core.backbones import build_encoder
+from hncl.core.model import load_encoder_weights
 
 
 class FERClassifier(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from hncl import storage
+from hncl.infra import storage
 from hncl.config import ConfigError, check_ranks, run_dir, value, world_size
 from hncl.errors import InputError
 
@@ -45,8 +45,8 @@ def encoder(spec: dict, size: int, weights: Optional[str], field: str) -> None:
     a ViT's patches, a convnet's strides), and the weights file, if any, is read into it: a
     misfit, a file that is no state dict, or one for another arch or width is refused before
     the run directory exists."""
-    from hncl.backbones import build_encoder, check_image_size
-    from hncl.model import WeightsError, load_encoder_weights
+    from hncl.core.backbones import build_encoder, check_image_size
+    from hncl.core.model import WeightsError, load_encoder_weights
 
     arch = spec["arch"]
     try:
@@ -127,7 +127,7 @@ def finetune(cfg) -> None:
     knn_fits(cfg, shard_set(ft.train_shards, "finetune.train_shards", "a labelled shard set"))
     shard_set(ft.test_shards, "finetune.test_shards", "a labelled shard set")
     weights_file(ft.init, "finetune.init")
-    from hncl.classifier import encoder_spec
+    from hncl.core.classifier import encoder_spec
 
     # the encoder a pretraining run's encoder.json names, else the config's
     encoder(encoder_spec(ft.init, cfg.model), cfg.data.image_size, ft.init, "finetune.init")
@@ -161,10 +161,10 @@ def own_run_dir(cfg, command: str) -> None:
 def cluster_storage(cfg, inputs=()) -> None:
     """On a Ray cluster of several nodes, before any worker starts: every alive node sees
     run.output_dir and every input in `inputs` (config fields naming a shard set or a file) as
-    this driver does (hncl.raycluster.require_visible). Ray itself notices a run directory on an
+    this driver does (hncl.infra.raycluster.require_visible). Ray itself notices a run directory on an
     unshared disk only at the first checkpoint upload, after retries; a run without checkpoints
     not at all."""
-    from hncl.raycluster import require_visible
+    from hncl.infra.raycluster import require_visible
 
     locations = [("run.output_dir", cfg.run.output_dir, "output")]
     for field in inputs:

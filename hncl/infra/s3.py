@@ -17,20 +17,20 @@ import fsspec.asyn
 import s3fs
 from botocore.handlers import add_expect_header
 
-from hncl.storage import is_transient, setting
+from hncl.infra.storage import is_transient, setting
 
 log = logging.getLogger(__name__)
 
 
 class ResilientS3FileSystem(s3fs.S3FileSystem):
     """s3fs whose every S3 call, and every read of a body after its call, retries transient
-    failures (hncl.storage.is_transient) with backoff until HNCL_S3_DEADLINE, each attempt
+    failures (hncl.infra.storage.is_transient) with backoff until HNCL_S3_DEADLINE, each attempt
     bounded by what is left of it."""
 
     retries = 2  # s3fs's own quick retries inside each attempt (cut bodies, a dropped connection)
 
     def __init__(self, *args, credential_env=(), **kwargs):
-        # credential_env: only part of fsspec's instance-cache key (hncl.storage.s3_filesystem)
+        # credential_env: only part of fsspec's instance-cache key (hncl.infra.storage.s3_filesystem)
         super().__init__(*args, **kwargs)
 
     async def set_session(self, refresh=False, kwargs={}):

@@ -8,9 +8,9 @@ import os
 import socket
 from typing import Dict, List, Optional
 
-from hncl.dist import free_port
+from hncl.core.dist import free_port
 from hncl.errors import UserError
-from hncl.storage import CREDENTIAL_ENV
+from hncl.infra.storage import CREDENTIAL_ENV
 
 # What the driver forwards to every worker and task it starts (Ray starts them with the node's
 # environment, not the driver's): what botocore's credential chain reads (keys and session token,
@@ -99,7 +99,7 @@ def _probe(checks: List[dict]) -> List[Optional[str]]:
                     ok = f.read() == c["token"]
                 out.append(None if ok else "it sees other content in the file this driver just wrote there")
             else:
-                from hncl import storage
+                from hncl.infra import storage
 
                 fs, path = storage.filesystem(c["url"])
                 fs.info(path)  # unlike exists(), says why it cannot reach a store (s3fs' exists() says False)
@@ -146,7 +146,7 @@ def require_visible(locations: List[tuple]) -> None:
     weights file) must be readable. One cluster of one node: nothing to check."""
     import uuid
 
-    from hncl import storage
+    from hncl.infra import storage
 
     nodes = alive_nodes()
     if len(nodes) < 2:

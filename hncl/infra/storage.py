@@ -5,7 +5,7 @@ AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and the shared config fil
 SSO, container and instance roles); AWS_ENDPOINT_URL_S3 names a non-AWS endpoint (MinIO, moto).
 Writes are atomic: a file appears under its final name only when complete (local: write a
 temporary name, then rename; S3: one PUT, or a multipart upload whose completion is checked
-against the object when its answer was lost: hncl.s3).
+against the object when its answer was lost: hncl.infra.s3).
 
 S3 under faults: every call has a connect and a read timeout, and transient failures (refused
 or reset connections, timeouts, cut bodies, 5xx, throttling) are retried with backoff until a
@@ -33,7 +33,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import fsspec
 
-from hncl import tempfiles
+from hncl.infra import tempfiles
 from hncl.errors import InputError, UserError
 
 TMP_MARK = ".tmp-"
@@ -188,7 +188,7 @@ def s3_filesystem(**credentials: Any):
     """The S3 filesystem with this process's credentials, endpoint, timeouts and retries.
     Credentials: botocore's standard chain, resolved (and refreshed) by aiobotocore in this
     process, unless given (key, secret, token, profile)."""
-    from hncl.s3 import ResilientS3FileSystem
+    from hncl.infra.s3 import ResilientS3FileSystem
 
     options = {k: v for k, v in credentials.items() if v}
     if os.environ.get("AWS_ENDPOINT_URL_S3"):

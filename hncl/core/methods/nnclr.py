@@ -11,8 +11,8 @@ Example (one process)::
 
     >>> import torch
     >>> from hncl.config import load_config
-    >>> from hncl.methods import build_method
-    >>> from hncl.model import HNCLModel
+    >>> from hncl.core.methods import build_method
+    >>> from hncl.core.model import HNCLModel
     >>> cfg = load_config("configs/debug.yaml", ["method.name=nnclr", "method.queue_size=64"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
     >>> nnclr = build_method(cfg, model)
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from hncl.loss import Predictions, neighbour_term, report, view_term
-from hncl.methods.base import QueueMethod
+from hncl.core.loss import Predictions, neighbour_term, report, view_term
+from hncl.core.methods.base import QueueMethod
 
 
 class NNCLR(QueueMethod):

@@ -10,8 +10,8 @@ Example (one process)::
 
     >>> import torch
     >>> from hncl.config import load_config
-    >>> from hncl.methods import build_method
-    >>> from hncl.model import HNCLModel
+    >>> from hncl.core.methods import build_method
+    >>> from hncl.core.model import HNCLModel
     >>> cfg = load_config("configs/debug.yaml", ["method.name=simclr"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
     >>> x = torch.randn(4, 3, 32, 32)
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from torch.profiler import record_function
 
-from hncl.loss import Predictions, report, view_term
-from hncl.methods.base import Method
+from hncl.core.loss import Predictions, report, view_term
+from hncl.core.methods.base import Method
 
 
 class SimCLR(Method):

@@ -10,10 +10,10 @@ METHODS maps names to "module:Class" so that reading a config does not import to
 import importlib
 
 METHODS = {
-    "simclr": "hncl.methods.simclr:SimCLR",  # two views only: the baseline
-    "nnclr": "hncl.methods.nnclr:NNCLR",  # + embedding-nearest queue entry (exactly NNCLR)
-    "hncl": "hncl.methods.hncl:HNCL",  # + heatmap-nearest queue entries and in-batch faces
-    "supervised": "hncl.methods.supervised:Supervised",  # labels as positives: the upper bound
+    "simclr": "hncl.core.methods.simclr:SimCLR",  # two views only: the baseline
+    "nnclr": "hncl.core.methods.nnclr:NNCLR",  # + embedding-nearest queue entry (exactly NNCLR)
+    "hncl": "hncl.core.methods.hncl:HNCL",  # + heatmap-nearest queue entries and in-batch faces
+    "supervised": "hncl.core.methods.supervised:Supervised",  # labels as positives: the upper bound
 }
 
 
