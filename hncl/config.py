@@ -25,11 +25,6 @@ class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user in one line that names the field."""
 
 
-def value(x: Any) -> Any:
-    """An enum field's plain value ('ddp', 'bfloat16', ...); anything else unchanged."""
-    return x.value if isinstance(x, enum.Enum) else x
-
-
 class Stem(str, enum.Enum):
     imagenet = "imagenet"  # torchvision's 7x7/2 conv + max-pool (for >= 112 px faces)
     small = "small"  # 3x3/1 conv, no pool (for tiny CPU images, e.g. 32-64 px)
@@ -40,6 +35,13 @@ class Dtype(str, enum.Enum):
     float16 = "float16"
     bfloat16 = "bfloat16"
     float64 = "float64"
+
+    @property
+    def torch(self):
+        """The torch dtype (torch is imported only when asked: reading a config does not need it)."""
+        import torch
+
+        return getattr(torch, self.value)
 
 
 class Strategy(str, enum.Enum):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from hncl.config import value
+from hncl.config import Stem
 from hncl.data.augment import MEAN, STD
 from hncl.errors import InputError
 from hncl.core.backbones import build_encoder
@@ -41,7 +41,7 @@ def encoder_spec(init: Optional[str], model_cfg) -> dict:
     """Architecture of the encoder to build: from encoder.json beside a pretraining run's
     encoder.safetensors when there is one, else from the model config. (The image size is the
     run's data.image_size: an encoder built for one, a ViT's position embeddings, names it.)"""
-    spec = {"arch": value(model_cfg.arch), "width": int(model_cfg.width), "stem": value(model_cfg.stem)}
+    spec = {"arch": str(model_cfg.arch), "width": int(model_cfg.width), "stem": Stem(model_cfg.stem).value}
     if init and init.endswith(".safetensors"):
         meta = os.path.join(os.path.dirname(init), "encoder.json")
         if os.path.exists(meta):

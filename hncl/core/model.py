@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from hncl.config import value
+from hncl.config import Stem
 from hncl.errors import InputError, UserError
 
 _ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
@@ -86,7 +86,7 @@ class HNCLModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg, image_size: int = 112) -> "HNCLModel":
-        m = cls(arch=value(model_cfg.arch), width=model_cfg.width, stem=value(model_cfg.stem),
+        m = cls(arch=str(model_cfg.arch), width=model_cfg.width, stem=Stem(model_cfg.stem).value,
                 proj_layers=model_cfg.proj_layers, proj_hidden=model_cfg.proj_hidden,
                 proj_out=model_cfg.proj_out, pred_hidden=model_cfg.pred_hidden, image_size=image_size)
         if model_cfg.init_weights:

@@ -13,7 +13,7 @@ from typing import List
 import numpy as np
 import torch
 
-from hncl.config import ConfigError, run_dir, value
+from hncl.config import ConfigError, KnnIndex, run_dir
 from hncl.core.classifier import FERClassifier, load_classifier, save_classifier
 from hncl.data.shards import ShardSet
 from hncl.data.sources import CLASSES
@@ -67,14 +67,14 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
     te = extract(test_set, model.encoder, size, device, keep_images=256, workers=cfg.data.loader_workers)
     tmask = tr["label"] >= 0
     knn_pred = knn.knn_predict(tr["feats"][tmask], tr["label"][tmask], te["feats"][mask], ft.num_classes,
-                               ft.knn_k, ft.knn_temperature, value(ft.knn_index))
+                               ft.knn_k, ft.knn_temperature, KnnIndex(ft.knn_index).value)
     knn_cm = confusion_matrix(te["label"][mask], knn_pred, ft.num_classes)
     report.update({
         "protocol": protocol, "init": ft.init, "encoder": spec, "train_shards": ft.train_shards,
         "test_shards": ft.test_shards, "knn": {"k": ft.knn_k, "temperature": ft.knn_temperature,
                                                 **{k: v for k, v in classification_report(knn_cm, classes).items()
                                                    if k in ("accuracy", "mean_class_accuracy", "macro_f1")}},
-        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=value(ft.knn_index)),
+        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=KnnIndex(ft.knn_index).value),
         "history": history, "seconds": seconds,
     })
     confusion_png(cm, classes, os.path.join(local, "confusion_matrix.png"),

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from hncl.infra import storage
-from hncl.config import ConfigError, check_ranks, run_dir, value, world_size
+from hncl.config import ConfigError, Stem, check_ranks, run_dir, world_size
 from hncl.errors import InputError
 
 
@@ -109,7 +109,7 @@ def pretrain(cfg, debug: bool = False) -> None:
     descriptor_matches(cfg, shards)
     check_ranks(cfg, *ranks(cfg, debug))
     weights_file(cfg.model.init_weights, "model.init_weights")
-    encoder({"arch": value(cfg.model.arch), "width": cfg.model.width, "stem": value(cfg.model.stem)},
+    encoder({"arch": str(cfg.model.arch), "width": cfg.model.width, "stem": Stem(cfg.model.stem).value},
             cfg.data.image_size, cfg.model.init_weights, "model.init_weights")
     output_dir(cfg)
 

@@ -30,13 +30,13 @@ from safetensors.torch import save_file
 from hncl.core import dist as hdist
 from hncl.infra import storage
 from hncl.config import run_dir as run_dir_of
-from hncl.config import value
+from hncl.config import Dtype, Strategy
 from hncl.errors import UserError
 from hncl.train import zero_state
 from hncl.train.metrics import MetricsLog
 from hncl.train.session import Session
 
-_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_HALF = {Dtype.bfloat16: torch.bfloat16, Dtype.float16: torch.float16}
 
 
 def device_for(cfg) -> torch.device:
@@ -72,7 +72,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
-    precision = value(cfg.dist.precision)
+    precision = Dtype(cfg.dist.precision)
     ds = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": cfg.dist.zero_stage},
           # our own torch optimiser (SGD, AdamW, LARS) is handed to DeepSpeed; ZeRO partitions any
@@ -82,10 +82,10 @@ def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
     if grad_clip:
         ds["gradient_clipping"] = grad_clip
     # BatchNorm buffers must follow the half-precision parameters or the forward fails
-    if precision == "bfloat16":
+    if precision is Dtype.bfloat16:
         ds["bf16"] = {"enabled": True}
         ds["data_types"] = {"buffer_dtype": "bf16"}
-    elif precision == "float16":
+    elif precision is Dtype.float16:
         ds["fp16"] = {"enabled": True}
         ds["data_types"] = {"buffer_dtype": "fp16"}
     return ds
@@ -93,7 +93,7 @@ def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
 
 def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
     """SyncBatchNorm where asked (DDP over several ranks), on the device, channels_last on GPU."""
-    if cfg.model.sync_bn and hdist.world_size() > 1 and value(cfg.dist.strategy) == "ddp":
+    if cfg.model.sync_bn and hdist.world_size() > 1 and Strategy(cfg.dist.strategy) is Strategy.ddp:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
@@ -111,37 +111,37 @@ class Engine:
     """Wraps `model` for this rank's strategy and steps it. `module` is what to call (DDP,
     the DeepSpeed engine, or the model); `model` stays the plain module (for its weights).
 
-    strategy: cfg.dist.strategy, or "local" (no wrapper: one rank trains alone, e.g. a linear
-    probe on rank 0). With a `session`, checkpoints go through it; with `log`, metrics go to
+    strategy: cfg.dist.strategy unless given; alone: no wrapper whatever the strategy (one rank
+    trains alone, e.g. a linear probe on rank 0). With a `session`, checkpoints go through it; with `log`, metrics go to
     the run directory's metrics.jsonl/csv and TensorBoard (rank 0)."""
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[object],
                  device: torch.device,
-                 *, batch_size: int = 1, grad_clip: Optional[float] = None, strategy: Optional[str] = None,
-                 session: Optional[Session] = None, log: bool = False):
+                 *, batch_size: int = 1, grad_clip: Optional[float] = None, strategy: Optional[Strategy] = None,
+                 alone: bool = False, session: Optional[Session] = None, log: bool = False):
         self.cfg, self.device = cfg, device
         self.rank, self.world = hdist.rank(), hdist.world_size()
-        self.strategy = strategy or value(cfg.dist.strategy)
+        self.strategy = Strategy(strategy or cfg.dist.strategy)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip = grad_clip
         self.deepspeed = None
-        precision = value(cfg.dist.precision)
-        if self.strategy == "deepspeed":
+        precision = Dtype(cfg.dist.precision)
+        if not alone and self.strategy is Strategy.deepspeed:
             import deepspeed
 
             self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler,
                 config=deepspeed_config(cfg, batch_size, grad_clip), dist_init_required=False)
             self.module = self.deepspeed
-        elif self.strategy == "ddp" and self.world > 1:
+        elif not alone and self.strategy is Strategy.ddp and self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.module = model
         self.autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None
-        if device.type == "cuda" and precision in _HALF and self.strategy != "deepspeed":
+        if device.type == "cuda" and precision in _HALF and self.deepspeed is None:
             self.autocast = lambda: torch.autocast("cuda", dtype=_HALF[precision])  # noqa: E731
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast and precision == "float16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast and precision is Dtype.float16 else None
         # DeepSpeed's bf16/fp16 modes cast the weights, not the inputs: the inputs must follow
         self.input_dtype = _HALF.get(precision) if self.deepspeed is not None else None
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -217,7 +217,7 @@ class Engine:
                 extra(folder)
             if r == 0:
                 with open(os.path.join(folder, "train_state.json"), "w") as f:
-                    json.dump({**train_state, "step": step, "world_size": self.world, "strategy": self.strategy,
+                    json.dump({**train_state, "step": step, "world_size": self.world, "strategy": self.strategy.value,
                                "zero_stage": int(self.cfg.dist.zero_stage),
                                **({"method": method.name} if method is not None else {})}, f)
 
@@ -229,9 +229,9 @@ class Engine:
         another world size: the method's per-rank state is re-split, and a ZeRO-partitioned
         optimiser is loaded from the consolidated state saved beside DeepSpeed's own files."""
         state = read_train_state(folder)
-        if state["strategy"] != self.strategy:
+        if state["strategy"] != self.strategy.value:
             raise UserError(f"checkpoint in {self.run_dir} was written with strategy {state['strategy']}; "
-                            f"this run uses {self.strategy}. Use a new run.name.")
+                            f"this run uses {self.strategy.value}. Use a new run.name.")
         if method is not None and state.get("method", method.name) != method.name:
             raise UserError(f"checkpoint in {self.run_dir} was written by method {state['method']}; this run "
                             f"uses {method.name}. Use a new run.name.")

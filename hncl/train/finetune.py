@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from hncl.config import ConfigError, run_dir, value
+from hncl.config import ConfigError, Protocol, Strategy, run_dir
 from hncl.core import dist as hdist
 from hncl.core.classifier import FERClassifier, build_classifier
 from hncl.data.augment import MEAN, STD
@@ -57,7 +57,7 @@ def train_linear(train: dict, test: dict, num_classes: int, cfg, weights: Option
     opt = torch.optim.SGD(head.parameters(), lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(y) / ft.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
-    engine = Engine(cfg, head, opt, sched, torch.device("cpu"), strategy="local")
+    engine = Engine(cfg, head, opt, sched, torch.device("cpu"), alone=True)
     xt = torch.from_numpy(test["feats"])
     history = []
     for epoch in range(ft.epochs):
@@ -104,10 +104,10 @@ def _finetune_run(cfg) -> dict:
     model.to(device)
     size = cfg.data.image_size
     weights = class_weights(train_set, ft.num_classes).to(device) if ft.class_balanced else None
-    protocol = value(ft.protocol)
+    protocol = Protocol(ft.protocol)
     t0 = time.time()
     history: List[dict] = []
-    if protocol == "linear":
+    if protocol is Protocol.linear:
         if rank == 0:
             tr = extract(train_set, model.encoder, size, device, workers=cfg.data.loader_workers)
             te = extract(test_set, model.encoder, size, device, workers=cfg.data.loader_workers)
@@ -117,7 +117,7 @@ def _finetune_run(cfg) -> dict:
         history = _finetune(model, cfg, train_set, test_set, device, weights, rank, world)
     result = {}
     if rank == 0:
-        result = write_report(model, spec, cfg, train_set, test_set, device, folder, history, protocol,
+        result = write_report(model, spec, cfg, train_set, test_set, device, folder, history, protocol.value,
                               seconds=time.time() - t0)
     if hdist.is_distributed():
         dist.barrier()
@@ -140,7 +140,7 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
     opt = torch.optim.SGD([*encoder_groups, {"params": model.head.parameters(), "lr": ft.lr * scale}],
                           momentum=0.9, nesterov=True, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
-    engine = Engine(cfg, model, opt, sched, device, strategy="ddp")  # DDP over the ranks, if several
+    engine = Engine(cfg, model, opt, sched, device, strategy=Strategy.ddp)  # DDP over the ranks, if several
     pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                               loader_workers=cfg.data.loader_workers,
                               view_transform=fer_augment(cfg.data.image_size), views=1, rank=rank, world=world)

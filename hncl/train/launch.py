@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 from omegaconf import OmegaConf
 
 from hncl.config import run_dir as run_dir_of
-from hncl.config import value
+from hncl.config import Placement
 from hncl.infra.raycluster import connect_ray
 from hncl.train.loop import train_loop_per_worker
 
@@ -57,14 +57,14 @@ def _storage(output_dir: str):
     return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.portable_s3_filesystem(output_dir)))
 
 
-def _capacity(nodes, bundle: dict, placement: str) -> int:
+def _capacity(nodes, bundle: dict, placement: Placement) -> int:
     """How many worker bundles the alive nodes can hold under `placement` (by total resources:
     a failed run's own workers are gone)."""
     per_node = [min((int(n["resources"].get(k, 0) // v) if v > 0 else 10**9) for k, v in bundle.items())
                 for n in nodes]
-    if placement == "STRICT_SPREAD":
+    if placement is Placement.STRICT_SPREAD:
         return sum(1 for c in per_node if c >= 1)
-    if placement == "STRICT_PACK":
+    if placement is Placement.STRICT_PACK:
         return max(per_node, default=0)
     return sum(per_node)
 
@@ -73,11 +73,11 @@ def _resources_line(cfg, bundle: dict) -> tuple:
     """(what the workers need, what the cluster has, workers missing) in words."""
     from hncl.infra.raycluster import alive_nodes, describe
 
-    placement = value(cfg.dist.placement)
+    placement = Placement(cfg.dist.placement)
     nodes = alive_nodes()
     need = f"{cfg.dist.num_workers} workers x {describe(bundle)}" + \
-        (" on distinct nodes (dist.placement=STRICT_SPREAD)" if placement == "STRICT_SPREAD" else
-         " on one node (dist.placement=STRICT_PACK)" if placement == "STRICT_PACK" else "")
+        (" on distinct nodes (dist.placement=STRICT_SPREAD)" if placement is Placement.STRICT_SPREAD else
+         " on one node (dist.placement=STRICT_PACK)" if placement is Placement.STRICT_PACK else "")
     have = f"{len(nodes)} alive node{'s' if len(nodes) != 1 else ''} (" + \
         ", ".join(f"{n['ip']} {describe(n['resources'])}" for n in nodes) + ")"
     return need, have, max(0, cfg.dist.num_workers - _capacity(nodes, bundle, placement))
@@ -144,7 +144,7 @@ def _resume_smaller(cfg, bundle: dict, missing: int, checkpoint: Optional[str]) 
 
     if not missing or checkpoint is None:
         return ""
-    fits = _capacity(alive_nodes(), bundle, value(cfg.dist.placement))
+    fits = _capacity(alive_nodes(), bundle, Placement(cfg.dist.placement))
     try:
         global_batch = storage.read_json(storage.join(checkpoint, "train_state.json"))["global_batch"]
     except Exception:  # an older checkpoint, or storage gone: the config says what it started with
@@ -193,13 +193,13 @@ def run_on_ray(cfg, loop, address: Optional[str] = None, inputs: Sequence[str] =
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     bundle = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    placement = value(cfg.dist.placement)
+    placement = Placement(cfg.dist.placement)
     trainer = TorchTrainer(
         loop,
         train_loop_config=worker_config(cfg, "ray"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=bundle, placement_strategy=placement),
+                                     resources_per_worker=bundle, placement_strategy=placement.value),
         # controller_failure_limit=0: when the workers' resources do not come within the start
         # timeout (dist.node_wait_s, below), the run stops instead of asking again forever. A
         # worker group that fails to start is not retried either: the run stops, naming the last

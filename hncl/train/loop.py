@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from hncl.core import dist as hdist
 from hncl.infra import storage, tempfiles
-from hncl.config import Config, check_ranks, run_dir, validate, value
+from hncl.config import AugmentOn, Config, Stem, Strategy, check_ranks, run_dir, validate
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
 from hncl.data.epoch_plan import StreamState
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
@@ -235,10 +235,10 @@ class Trainer:
         if self.rank == 0:
             print(f"[hncl] run directory: {self.run_dir} "
                   f"({'resumed at step ' + str(self.step) if folder is not None else 'new'}); "
-                  f"{self.world} rank(s), {self.engine.strategy}, {self.total_steps} steps of "
+                  f"{self.world} rank(s), {self.engine.strategy.value}, {self.total_steps} steps of "
                   f"{self.global_batch} samples ({self.batch_size}/rank), "
                   f"{self.schedule.total_samples} samples in all", flush=True)
-        on_device = value(cfg.data.augment_on) == "device"
+        on_device = AugmentOn(cfg.data.augment_on) is AugmentOn.device
         d = cfg.data
         recipe = dict(min_scale=d.min_crop_scale, colour=d.colour, grayscale=d.grayscale, hue=d.hue)
         if on_device:
@@ -332,7 +332,7 @@ class Trainer:
             with open(path, "rb") as f:
                 storage.write_bytes(storage.join(self.run_dir, "encoder.safetensors"), f.read())
         m = self.cfg.model
-        info = {"arch": value(m.arch), "width": int(m.width), "stem": value(m.stem), "out_dim": encoder.out_dim,
+        info = {"arch": str(m.arch), "width": int(m.width), "stem": Stem(m.stem).value, "out_dim": encoder.out_dim,
                 "image_size": self.cfg.data.image_size, "step": self.step, "shards": self.cfg.data.train_shards,
                 "method": self.method.name, "normalize": {"mean": list(MEAN), "std": list(STD)}}
         storage.write_bytes(storage.join(self.run_dir, "encoder.json"), json.dumps(info, indent=1).encode())
@@ -385,7 +385,7 @@ def local_group(cfg):
     """Debug mode and torchrun ranks: the group torchrun describes (none for one plain process).
     DeepSpeed needs a group even alone, and looks for MPI unless the torch.distributed variables
     are set: a one-rank gloo/nccl group, destroyed on exit, with the variables torchrun did not set."""
-    if value(cfg.dist.strategy) != "deepspeed":
+    if Strategy(cfg.dist.strategy) is not Strategy.deepspeed:
         init_local_process_group()
         yield
         return

@@ -9,7 +9,7 @@ from typing import List
 
 import torch
 
-from hncl.config import value
+from hncl.config import OptimizerName
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
@@ -36,7 +36,7 @@ def layer_decay_groups(encoder: torch.nn.Module, weight_decay: float, layer_deca
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> torch.optim.Optimizer:
-    name = value(optim_cfg.name)
+    name = OptimizerName(optim_cfg.name)
     lr = optim_cfg.lr * (global_batch / 256 if optim_cfg.scale_lr else 1.0)
     if optim_cfg.layer_decay is None:
         groups = param_groups(model, optim_cfg.weight_decay)
@@ -44,15 +44,15 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, global_batch: int) -> tor
         heads = torch.nn.ModuleList([m for n, m in model.named_children() if n != "encoder"])
         groups = layer_decay_groups(model.encoder, optim_cfg.weight_decay, optim_cfg.layer_decay, lr) + \
             param_groups(heads, optim_cfg.weight_decay)
-    if name == "sgd":
+    if name is OptimizerName.sgd:
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
-    if name == "adamw":
+    if name is OptimizerName.adamw:
         return torch.optim.AdamW(groups, lr=lr)
-    if name == "lars":
+    if name is OptimizerName.lars:
         from timm.optim import Lars
 
         return Lars(groups, lr=lr, momentum=optim_cfg.momentum)
-    raise ValueError(f"unknown optimizer {name!r}")
+    raise ValueError(f"unknown optimizer {name.value!r}")
 
 
 @dataclass(frozen=True)

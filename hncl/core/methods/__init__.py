@@ -27,6 +27,4 @@ def method_class(name: str):
 def build_method(cfg, model, device="cpu", descriptor=None, autocast=None):
     """The method `cfg.method.name` for a (possibly DDP/DeepSpeed-wrapped) model; call after the
     process group is up (a queue is split over its ranks)."""
-    from hncl.config import value
-
-    return method_class(value(cfg.method.name))(cfg, model, device=device, descriptor=descriptor, autocast=autocast)
+    return method_class(str(cfg.method.name))(cfg, model, device=device, descriptor=descriptor, autocast=autocast)

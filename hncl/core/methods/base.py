@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.profiler import record_function
 
+from hncl.config import Dtype
 from hncl.core import dist as hdist
 from hncl.core.queue import ShardedNeighborQueue, reshard_states
 
@@ -79,12 +80,10 @@ class QueueMethod(Method):
 
     def __init__(self, cfg, model, key_dim: Optional[int] = None, **kwargs):
         super().__init__(cfg, model, **kwargs)
-        from hncl.config import value
-
         me = cfg.method
         self.topk = int(me.topk)
         self.queue = ShardedNeighborQueue(me.queue_size, cfg.model.proj_out, key_dim,
-                                          dtype=getattr(torch, value(me.queue_dtype)), device=self.device)
+                                          dtype=Dtype(me.queue_dtype).torch, device=self.device)
 
     def state_dict(self) -> dict:
         return self.queue.state_dict()
