@@ -83,8 +83,7 @@ def test_layer_decay_gives_each_vit_layer_its_lr_and_every_parameter_one_group()
     # the schedule scales every group from its own base lr, and the lr reported is the base lr's
     from hncl.train.engine import Engine
 
-    engine = Engine(load_config("configs/debug.yaml", ["model.arch=timm/test_vit", "optim.layer_decay=0.5"]),
-                    model, opt, None, torch.device("cpu"), alone=True)
+    engine = Engine(load_config("configs/debug.yaml").dist, model, opt, None, torch.device("cpu"), alone=True)
     engine.step(sum(p.sum() for p in model.parameters()) * 0, lr_factor=0.25)
     after = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert all(after[k] == pytest.approx(0.25 * lr_of[k]) for k in lr_of)

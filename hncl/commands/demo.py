@@ -47,7 +47,8 @@ def _shards(out: str, split: str, ids: int, per_id: int, seed: int, log) -> str:
     path = os.path.join(out, "shards", split)
     job = ShardJob(source="synthetic", out=path, split=split,
                    source_options=(("num_samples", ids * per_id), ("seed", seed), ("size", 112)))
-    make_shards(job, shard_size=max(50, ids * per_id // 8), descriptor_dim=SHARD_SET.descriptor_dim, seed=seed, progress=False,
+    make_shards(job, shard_size=max(50, ids * per_id // 8), descriptor_dim=SHARD_SET.descriptor_dim, seed=seed,
+                progress=False,
                 log=lambda m: log(f"      {m}"))
     return path
 

@@ -74,7 +74,8 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
         "test_shards": ft.test_shards, "knn": {"k": ft.knn_k, "temperature": ft.knn_temperature,
                                                 **{k: v for k, v in classification_report(knn_cm, classes).items()
                                                    if k in ("accuracy", "mean_class_accuracy", "macro_f1")}},
-        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local, kind=KnnIndex(ft.knn_index).value),
+        "neighbours": neighbour_diagnostics(te, test_set.descriptor(), classes, local,
+                                            kind=KnnIndex(ft.knn_index).value),
         "history": history, "seconds": seconds,
     })
     confusion_png(cm, classes, os.path.join(local, "confusion_matrix.png"),

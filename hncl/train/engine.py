@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 
 from hncl.core import dist as hdist
 from hncl.infra import storage
-from hncl.config import run_dir as run_dir_of
 from hncl.config import Dtype, Strategy
 from hncl.errors import UserError
 from hncl.train import zero_state
@@ -39,9 +38,9 @@ from hncl.train.session import Session
 _HALF = {Dtype.bfloat16: torch.bfloat16, Dtype.float16: torch.float16}
 
 
-def device_for(cfg) -> torch.device:
+def device_for(dist_cfg) -> torch.device:
     """This rank's device: its local GPU with dist.use_gpu, else the CPU."""
-    if cfg.dist.use_gpu:
+    if dist_cfg.use_gpu:
         if not torch.cuda.is_available():
             raise UserError("dist.use_gpu=true but this worker sees no CUDA device")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -71,10 +70,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
-    precision = Dtype(cfg.dist.precision)
+def deepspeed_config(dist_cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
+    precision = Dtype(dist_cfg.precision)
     ds = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": cfg.dist.zero_stage},
+          "zero_optimization": {"stage": dist_cfg.zero_stage},
           # our own torch optimiser (SGD, AdamW, LARS) is handed to DeepSpeed; ZeRO partitions any
           # torch optimiser's state, but refuses those outside its own list unless told
           "zero_allow_untested_optimizer": True,
@@ -91,9 +90,9 @@ def deepspeed_config(cfg, batch_size: int, grad_clip: Optional[float]) -> dict:
     return ds
 
 
-def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, dist_cfg, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
     """SyncBatchNorm where asked (DDP over several ranks), on the device, channels_last on GPU."""
-    if cfg.model.sync_bn and hdist.world_size() > 1 and Strategy(cfg.dist.strategy) is Strategy.ddp:
+    if sync_bn and hdist.world_size() > 1 and Strategy(dist_cfg.strategy) is Strategy.ddp:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
@@ -111,27 +110,30 @@ class Engine:
     """Wraps `model` for this rank's strategy and steps it. `module` is what to call (DDP,
     the DeepSpeed engine, or the model); `model` stays the plain module (for its weights).
 
-    strategy: cfg.dist.strategy unless given; alone: no wrapper whatever the strategy (one rank
-    trains alone, e.g. a linear probe on rank 0). With a `session`, checkpoints go through it; with `log`, metrics go to
-    the run directory's metrics.jsonl/csv and TensorBoard (rank 0)."""
+    dist_cfg: the config's dist section (strategy, precision, ZeRO stage); run_dir: where the
+    metrics log and checkpoint messages point. strategy: dist_cfg.strategy unless given; alone:
+    no wrapper whatever the strategy (one rank trains alone, e.g. a linear probe on rank 0). With
+    a `session`, checkpoints go through it; with `log`, metrics go to the run directory's
+    metrics.jsonl/csv and TensorBoard (rank 0)."""
 
-    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[object],
+    def __init__(self, dist_cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[object],
                  device: torch.device,
-                 *, batch_size: int = 1, grad_clip: Optional[float] = None, strategy: Optional[Strategy] = None,
-                 alone: bool = False, session: Optional[Session] = None, log: bool = False):
-        self.cfg, self.device = cfg, device
+                 *, run_dir: Optional[str] = None, batch_size: int = 1, grad_clip: Optional[float] = None,
+                 strategy: Optional[Strategy] = None, alone: bool = False, session: Optional[Session] = None,
+                 log: bool = False):
+        self.dist_cfg, self.device = dist_cfg, device
         self.rank, self.world = hdist.rank(), hdist.world_size()
-        self.strategy = Strategy(strategy or cfg.dist.strategy)
+        self.strategy = Strategy(strategy or dist_cfg.strategy)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip = grad_clip
         self.deepspeed = None
-        precision = Dtype(cfg.dist.precision)
+        precision = Dtype(dist_cfg.precision)
         if not alone and self.strategy is Strategy.deepspeed:
             import deepspeed
 
             self.deepspeed, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                config=deepspeed_config(cfg, batch_size, grad_clip), dist_init_required=False)
+                config=deepspeed_config(dist_cfg, batch_size, grad_clip), dist_init_required=False)
             self.module = self.deepspeed
         elif not alone and self.strategy is Strategy.ddp and self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -146,7 +148,7 @@ class Engine:
         self.input_dtype = _HALF.get(precision) if self.deepspeed is not None else None
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.session = session
-        self.run_dir = run_dir_of(cfg)
+        self.run_dir = run_dir
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0) if log else None
 
     # -- a step --------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ class Engine:
             if r == 0:
                 with open(os.path.join(folder, "train_state.json"), "w") as f:
                     json.dump({**train_state, "step": step, "world_size": self.world, "strategy": self.strategy.value,
-                               "zero_stage": int(self.cfg.dist.zero_stage),
+                               "zero_stage": int(self.dist_cfg.zero_stage),
                                **({"method": method.name} if method is not None else {})}, f)
 
         self.session.save(step, write, {**metrics, "step": step})

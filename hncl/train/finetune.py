@@ -57,7 +57,7 @@ def train_linear(train: dict, test: dict, num_classes: int, cfg, weights: Option
     opt = torch.optim.SGD(head.parameters(), lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(y) / ft.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
-    engine = Engine(cfg, head, opt, sched, torch.device("cpu"), alone=True)
+    engine = Engine(cfg.dist, head, opt, sched, torch.device("cpu"), alone=True)
     xt = torch.from_numpy(test["feats"])
     history = []
     for epoch in range(ft.epochs):
@@ -93,7 +93,7 @@ def finetune_loop(config: dict) -> dict:
 def _finetune_run(cfg) -> dict:
     ft = cfg.finetune
     rank, world = hdist.rank(), hdist.world_size()
-    device = device_for(cfg)
+    device = device_for(cfg.dist)
     for key in ("train_shards", "test_shards"):
         if not ft[key]:
             raise ConfigError(f"config error: finetune.{key} is not set (a labelled shard set)")
@@ -140,7 +140,7 @@ def _finetune(model: FERClassifier, cfg, train_set, test_set, device, weights, r
     opt = torch.optim.SGD([*encoder_groups, {"params": model.head.parameters(), "lr": ft.lr * scale}],
                           momentum=0.9, nesterov=True, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ft.epochs * steps_per_epoch)
-    engine = Engine(cfg, model, opt, sched, device, strategy=Strategy.ddp)  # DDP over the ranks, if several
+    engine = Engine(cfg.dist, model, opt, sched, device, strategy=Strategy.ddp)  # DDP over the ranks, if several
     pipeline = train_pipeline(train_set, ft.batch_size, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                               loader_workers=cfg.data.loader_workers,
                               view_transform=fer_augment(cfg.data.image_size), views=1, rank=rank, world=world)

@@ -54,7 +54,8 @@ def _storage(output_dir: str):
 
     from hncl.infra import storage
 
-    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.portable_s3_filesystem(output_dir)))
+    handler = pyarrow.fs.FSSpecHandler(storage.portable_s3_filesystem(output_dir))
+    return output_dir[len("s3://"):], pyarrow.fs.PyFileSystem(handler)
 
 
 def _capacity(nodes, bundle: dict, placement: Placement) -> int:

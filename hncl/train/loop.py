@@ -58,7 +58,7 @@ class Trainer:
     def __init__(self, cfg, session: Session):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world_size
-        self.device = device_for(cfg)
+        self.device = device_for(cfg.dist)
         self.shards = ShardSet.open(cfg.data.train_shards)
         from hncl.infra.preflight import descriptor_matches
 
@@ -97,10 +97,11 @@ class Trainer:
         self.schedule = SampleSchedule(total_samples=int(cfg.optim.epochs * self.samples_per_epoch),
                                        warmup_samples=int(round(cfg.optim.warmup_epochs * self.samples_per_epoch)))
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        model = prepare_model(HNCLModel.from_config(cfg.model, cfg.data.image_size), cfg, self.device)
+        model = prepare_model(HNCLModel.from_config(cfg.model, cfg.data.image_size), cfg.dist, self.device,
+                              sync_bn=cfg.model.sync_bn)
         optimizer = build_optimizer(model, cfg.optim, self.global_batch)
-        self.engine = Engine(cfg, model, optimizer, None, self.device, batch_size=self.batch_size,
-                             grad_clip=cfg.optim.grad_clip, session=self.session, log=True)
+        self.engine = Engine(cfg.dist, model, optimizer, None, self.device, run_dir=run_dir(cfg),
+                             batch_size=self.batch_size, grad_clip=cfg.optim.grad_clip, session=self.session, log=True)
         self.descriptor = self.shards.descriptor().to(self.device)
         self.method = build_method(cfg, self.engine.module, self.device, self.descriptor, autocast=self.engine.autocast)
         self.run_dir = self.engine.run_dir
