@@ -18,8 +18,8 @@ import shutil
 import time
 
 
-from hncl.config import load_config
 from hncl.commands.demo import CONFIG, METHODS, _shards
+from hncl.config import load_config
 from hncl.train.finetune import finetune_loop
 from hncl.train.launch import launch, pretrain
 

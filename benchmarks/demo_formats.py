@@ -25,8 +25,8 @@ from typing import Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write  # noqa: E402
 
-import hncl.data.make_shards as make_shards_module  # noqa: E402
 from hncl.commands.demo import METHODS, run_demo  # noqa: E402
+import hncl.data.make_shards as make_shards_module  # noqa: E402
 
 TIMING = ("time", "seconds", "images_per_s", "samples_per_s", "throughput", "wall", "elapsed")
 

@@ -27,13 +27,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import interleaved, median, table, write  # noqa: E402
 
+from hncl.config import load_config  # noqa: E402
 from hncl.core import dist as hdist  # noqa: E402
 from hncl.core.dist import spawn_gloo  # noqa: E402
-from hncl.heatmaps.descriptor import HeatmapDescriptor  # noqa: E402
-from hncl.heatmaps.render import INNER_POINTS  # noqa: E402
-from hncl.config import load_config  # noqa: E402
 from hncl.core.methods import build_method  # noqa: E402
 from hncl.core.model import HNCLModel  # noqa: E402
+from hncl.heatmaps.descriptor import HeatmapDescriptor  # noqa: E402
+from hncl.heatmaps.render import INNER_POINTS  # noqa: E402
 
 PARTS = ("hncl/model_forward", "hncl/descriptor", "hncl/queue_lookup", "hncl/loss", "hncl/neighbour_metrics",
          "hncl/queue_enqueue", "hncl/backward", "hncl/optimizer")

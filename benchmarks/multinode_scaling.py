@@ -34,9 +34,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from _common import median, table, write  # noqa: E402
 
+from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
 from hncl.config import load_config  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
-from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
 
 COLLECTIVES = ("all_gather", "all_reduce", "all_to_all_single", "broadcast", "all_gather_object")
 

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import table, write  # noqa: E402
 
+from hncl.core.model import ResNetEncoder, load_encoder_weights  # noqa: E402
 from hncl.data.shard_format import decode_v2  # noqa: E402
 from hncl.data.shards import ShardSet  # noqa: E402
 from hncl.evaluate.features import extract  # noqa: E402
-from hncl.core.model import ResNetEncoder, load_encoder_weights  # noqa: E402
 
 
 def identities(shards: ShardSet) -> Dict[int, int]:

@@ -23,9 +23,9 @@ from typing import Dict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median, table, write  # noqa: E402
 
+from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
 from hncl.config import load_config  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
-from hncl.commands.demo import CONFIG, METHODS  # noqa: E402
 from hncl.train.launch import pretrain  # noqa: E402
 
 

@@ -37,11 +37,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median, table, write  # noqa: E402
 
-from hncl.infra import storage  # noqa: E402
 from hncl.data.convert_shards import convert_shards  # noqa: E402
 from hncl.data.make_shards import ShardJob, make_shards  # noqa: E402
 from hncl.data.shard_format import decode_v2, encode_v2, pack_heatmap, unpack_heatmap  # noqa: E402
 from hncl.data.shards import ShardSet, read_npy  # noqa: E402
+from hncl.infra import storage  # noqa: E402
 
 BLOCK = 512
 

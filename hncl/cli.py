@@ -7,10 +7,10 @@ import os
 import sys
 from typing import List, Optional
 
-from hncl.infra import tempfiles
 from hncl.config import SHARD_SET, ConfigError, load_config, to_yaml
 from hncl.errors import one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
+from hncl.infra import tempfiles
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -99,8 +99,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from hncl.infra import preflight
-    from hncl.train.launch import FINETUNE_INPUTS, launch
     from hncl.train.finetune import finetune_loop
+    from hncl.train.launch import FINETUNE_INPUTS, launch
 
     cfg = load_config(args.config, _named_run(args, lambda c: f"{c.run.name}-{c.finetune.protocol.value}"))
     preflight.finetune(cfg)
@@ -112,8 +112,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
-    from hncl.infra import preflight
     from hncl.evaluate.report import evaluate
+    from hncl.infra import preflight
 
     def default_name(c) -> str:
         return os.path.basename(os.path.normpath(c.finetune.checkpoint or "model")) + "-eval"

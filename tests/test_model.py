@@ -133,9 +133,9 @@ def test_every_family_predicts_and_exports(arch, size, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from hncl.core.classifier import FERClassifier, preprocess, save_classifier
     from hncl.commands.export import export
     from hncl.commands.predict import predict
+    from hncl.core.classifier import FERClassifier, preprocess, save_classifier
 
     torch.manual_seed(1)
     model = FERClassifier(arch, 8, "small", num_classes=3, image_size=size).eval()

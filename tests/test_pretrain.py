@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hncl.config import load_config
-from hncl.data.make_shards import ShardJob, make_shards
 from hncl.core.model import ResNetEncoder, load_encoder_weights
 from hncl.core.queue import state_digest
+from hncl.data.make_shards import ShardJob, make_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

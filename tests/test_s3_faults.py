@@ -16,10 +16,10 @@ import time
 import pytest
 
 from faults import FaultProxy
-from hncl.infra import storage
 from hncl.config import load_config
 from hncl.data.make_shards import ShardJob, make_shards, verify
 from hncl.errors import UserError
+from hncl.infra import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"HNCL_S3_DEADLINE": "20", "HNCL_S3_READ_TIMEOUT": "3", "HNCL_S3_CONNECT_TIMEOUT": "3"}

@@ -18,8 +18,8 @@ from hncl.data.convert_shards import convert_shards
 from hncl.data.make_shards import MakeShardsError, ShardJob, make_shards, verify
 from hncl.data.shard_format import (HEADER_SIZE, CorruptSample, ShardFormatError, decode_v2, encode_v2,
                                     pack_heatmap, unpack_heatmap)
-from hncl.data.shards import ShardSet, decode_sample, eval_pipeline, loader, train_pipeline
 from hncl.data.augment import view_transform
+from hncl.data.shards import ShardSet, decode_sample, eval_pipeline, loader, train_pipeline
 
 N, SHARD = 120, 30
 KEYS = ("image", "heatmap", "landmarks", "label", "id")

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hncl.config import Stem
-from hncl.data.augment import MEAN, STD
-from hncl.errors import InputError
 from hncl.core.backbones import build_encoder
 from hncl.core.model import load_encoder_weights
+from hncl.data.augment import MEAN, STD
+from hncl.errors import InputError
 
 
 class FERClassifier(nn.Module):

@@ -29,12 +29,12 @@ import numpy as np
 
 from hncl import __version__
 
-from hncl.infra import storage, tempfiles
 from hncl.data.make_shards import MakeShardsError, _clean_stale, _run_all
 from hncl.data.shard_format import FORMAT_V1, FORMAT_V2, check_format, decode_v2, encode_v2
 from hncl.data.shard_writer import add_member, open_tar
 from hncl.data.shards import read_npy
 from hncl.data.sources import CLASSES
+from hncl.infra import storage, tempfiles
 
 V1_PARTS = ("jpg", "heatmap.npy", "landmarks.npy", "json")
 

@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 from hncl import __version__
 
-from hncl.infra import storage, tempfiles
+from hncl.config import SHARD_SET
+from hncl.core.dist import torch_threads
 from hncl.data.shard_format import DEFAULT_VERSION, FORMAT_V1, FORMATS, check_format, decode_v2, sample_member
 from hncl.data.shard_writer import FaceProcessor, build_shard, shard_name
 from hncl.data.sources import CLASSES, open_source
-from hncl.config import SHARD_SET
-from hncl.core.dist import torch_threads
 from hncl.errors import UserError, user_error_in
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.extractors import get_extractor
+from hncl.infra import storage, tempfiles
 
 DESCRIPTOR_SAMPLES = 4096
 

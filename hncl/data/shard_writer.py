@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hncl.infra import tempfiles
 from hncl.data.shard_format import DEFAULT_VERSION, FORMATS, V2_SUFFIX, encode_v2
 from hncl.data.sources import CLASSES, Source, SourceError, SourceItem
 from hncl.heatmaps.align import apply_affine, similarity_to_template, warp
 from hncl.heatmaps.extractors import HeatmapExtractor
 from hncl.heatmaps.render import HEATMAP_SIZE, pool_heatmaps, render_heatmaps
+from hncl.infra import tempfiles
 
 WORK_SIZE = 256
 JPEG_QUALITY = 95

@@ -50,11 +50,11 @@ try:
 except ImportError:  # optional speed-up; PIL decodes everything
     simplejpeg = None
 
-from hncl.infra import storage
 from hncl.data.epoch_plan import EpochPlan, StreamState
 from hncl.data.shard_format import V2_SUFFIX, CorruptSample, check_format, decode_v2
 from hncl.errors import InputError, UserError
 from hncl.heatmaps.descriptor import HeatmapDescriptor
+from hncl.infra import storage
 
 log = logging.getLogger(__name__)
 

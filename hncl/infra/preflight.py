@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from hncl.infra import storage
 from hncl.config import ConfigError, Stem, check_ranks, run_dir, world_size
 from hncl.errors import InputError
+from hncl.infra import storage
 
 
 def _where_hint(url: str) -> str:

@@ -33,8 +33,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import fsspec
 
-from hncl.infra import tempfiles
 from hncl.errors import InputError, UserError
+from hncl.infra import tempfiles
 
 TMP_MARK = ".tmp-"
 SETTINGS = {"HNCL_S3_CONNECT_TIMEOUT": 10.0, "HNCL_S3_READ_TIMEOUT": 60.0, "HNCL_S3_DEADLINE": 120.0}

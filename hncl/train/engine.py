@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from hncl.core import dist as hdist
-from hncl.infra import storage
 from hncl.config import Dtype, Strategy
+from hncl.core import dist as hdist
 from hncl.errors import UserError
+from hncl.infra import storage
 from hncl.train import zero_state
 from hncl.train.metrics import MetricsLog
 from hncl.train.session import Session

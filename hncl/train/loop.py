@@ -21,15 +21,15 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from hncl.core import dist as hdist
-from hncl.infra import storage, tempfiles
 from hncl.config import AugmentOn, Config, Stem, Strategy, check_ranks, run_dir, validate
+from hncl.core import dist as hdist
+from hncl.core.methods import build_method
+from hncl.core.model import HNCLModel
 from hncl.data.augment import MEAN, STD, BatchViews, view_transform
 from hncl.data.epoch_plan import StreamState
 from hncl.data.shards import ShardSet, add_skipped, iterate_forever, loader, train_pipeline
 from hncl.errors import InputError, UserError
-from hncl.core.methods import build_method
-from hncl.core.model import HNCLModel
+from hncl.infra import storage, tempfiles
 from hncl.train import faults
 from hncl.train.engine import Engine, device_for, prepare_model, read_train_state, seed_everything
 from hncl.train.optim import SampleSchedule, build_optimizer
