@@ -36,6 +36,7 @@ def test_demo_tiny_end_to_end_over_two_seeds(tmp_path, capsys):
         assert report["nnclr"]["batch_neighbour_purity"] is None
         md = (run / "report.md").read_text()
         assert "| hncl |" in md and "| baseline |" in md and f"| {RANDOM} |" in md and "per-class accuracy" in md
+        assert "quick mode: too short for the methods to separate" in md  # --quick says it is no comparison
         for png in ("loss_curves.png", "neighbour_grid.png", "faces.png"):
             assert (run / png).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())

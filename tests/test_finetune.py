@@ -120,6 +120,13 @@ def test_linear_probe_from_a_pretraining_run(sets, linear_run):
     assert main(["evaluate", *ft_args(sets, "eval", f"finetune.checkpoint={run_dir}")]) == 0
     again = json.load(open(os.path.join(sets["root"], "eval", "metrics.json")))
     assert again["accuracy"] == pytest.approx(m["accuracy"]) and again["knn"] == m["knn"]
+    # both write their resolved config, as a pretraining run does: it loads back as it ran
+    from hncl.config import load_config
+
+    for folder, init in ((run_dir, sets["encoder"]), (os.path.join(sets["root"], "eval"), None)):
+        saved = load_config(os.path.join(folder, "config.yaml"))
+        assert saved.finetune.protocol.value == "linear" and saved.finetune.epochs == (5 if init else saved.finetune.epochs)
+        assert saved.finetune.init == init or init is None
 
 
 def test_full_finetune_from_a_torchvision_state_dict(sets):

@@ -1,5 +1,7 @@
 """Encoder = torchvision's ResNet: same keys, loads torchvision weights, configurable width."""
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -140,7 +142,8 @@ def test_every_family_predicts_and_exports(arch, size, tmp_path):
     torch.manual_seed(1)
     model = FERClassifier(arch, 8, "small", num_classes=3, image_size=size).eval()
     spec = {"arch": arch, "width": 8, "stem": "small"}
-    save_classifier(model, str(tmp_path / "clf"), spec, ["happy", "sad", "neutral"], size)
+    path = save_classifier(model, str(tmp_path / "clf"), spec, ["happy", "sad", "neutral"], size)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # readable by others, as encoder.safetensors
     pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)  # not square, not the size
     for i, p in enumerate(pixels):
         Image.fromarray(p).save(tmp_path / f"face{i}.png")

@@ -79,6 +79,7 @@ def save_classifier(model: FERClassifier, folder: str, spec: dict, classes: List
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "classifier.safetensors")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+    os.chmod(path, 0o644)  # safetensors writes 0600; a classifier is meant to be shared like the encoder
     with open(os.path.join(folder, "classifier.json"), "w") as f:
         json.dump({**spec, "classes": classes, "num_classes": len(classes), "image_size": image_size,
                    "normalize": {"mean": list(MEAN), "std": list(STD)}}, f, indent=1)

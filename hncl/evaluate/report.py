@@ -12,6 +12,7 @@ from typing import List
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from hncl.config import ConfigError, KnnIndex, run_dir
 from hncl.core.classifier import FERClassifier, load_classifier, save_classifier
@@ -84,6 +85,8 @@ def write_report(model: FERClassifier, spec: dict, cfg, train_set, test_set, dev
         curves_png(history, [k for k in ("train_loss", "test_accuracy") if k in history[0]],
                    os.path.join(local, "curves.png"), protocol)
     save_classifier(model, local, spec, classes, size)
+    with open(os.path.join(local, "config.yaml"), "w") as f:  # the resolved config, as every run directory has
+        f.write(OmegaConf.to_yaml(cfg))
     with open(os.path.join(local, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1)
     if remote:
