@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from hncl.config import SHARD_SET, ConfigError, load_config, to_yaml
+from hncl.data.synthetic import DIFFICULTIES
 from hncl.errors import one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
 from hncl.infra import tempfiles
@@ -26,6 +27,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
+    if args.source != "synthetic" and args.difficulty != SHARD_SET.synthetic_difficulty:
+        print("hncl make-shards: --difficulty is for --source synthetic (real faces are as hard as they are)",
+              file=sys.stderr)
+        return 2
     if args.preview:
         if args.source != "synthetic":
             print("hncl make-shards: --preview needs --source synthetic", file=sys.stderr)
@@ -36,7 +41,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
         if n < 1:
             print(f"hncl make-shards: error: --num-samples must be >= 1, got {n}", file=sys.stderr)
             return 1
-        ds = SyntheticFaces(max(1, (n + 6) // 7), 7, size=args.image_size, seed=args.seed)
+        ds = SyntheticFaces(max(1, (n + 6) // 7), 7, size=args.image_size, seed=args.seed, difficulty=args.difficulty)
         contact_sheet([ds[i] for i in range(min(n, len(ds)))], args.preview)
         print(f"wrote {args.preview}: {min(n, len(ds))} synthetic faces with landmarks")
         return 0
@@ -48,6 +53,8 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     source_opts = {}
     if args.source == "synthetic":
         source_opts = {"num_samples": SHARD_SET.synthetic_samples if args.num_samples is None else args.num_samples, "seed": args.seed, "size": args.image_size}
+        if args.difficulty != SHARD_SET.synthetic_difficulty:  # the default leaves the options (and older sets' keys) as they were
+            source_opts["difficulty"] = args.difficulty
     elif args.num_classes and args.source in ("affectnet", "ferplus"):
         source_opts = {"num_classes": args.num_classes}
     ext_opts = {}
@@ -160,7 +167,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(f"--identities must be >= 1 each (train, test), got {' '.join(map(str, args.identities))}")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
-    options = dict(quick=args.quick, debug=args.debug, steps=args.steps,
+    options = dict(quick=args.quick, debug=args.debug, steps=args.steps, difficulty=args.difficulty,
                    identities=tuple(args.identities) if args.identities else None)
     if args.seeds:
         run_seeds(args.out, parse_seeds(args.seeds), **options)
@@ -187,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["synthetic", "folder", "unlabeled", "rafdb", "affectnet", "fer2013", "ferplus"])
     p.add_argument("--input", metavar="PATH", help="dataset root (or CSV); not for synthetic")
     p.add_argument("--num-samples", type=int, help=f"faces to generate (synthetic; default {SHARD_SET.synthetic_samples})")
+    p.add_argument("--difficulty", default=SHARD_SET.synthetic_difficulty, choices=list(DIFFICULTIES),
+                   help="synthetic: easy (every expression at 0.5-1 intensity, frontal, exact landmarks) or "
+                        "realistic (subtle and personal expressions, head pose, detector-like landmark noise)")
     p.add_argument("--out", metavar="DIR_OR_S3_URL", help="output folder, e.g. shards/NAME or s3://bucket/prefix")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--extractor", default="landmarks", choices=["landmarks", "dlib", "fan"],
@@ -268,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
 
+    from hncl.commands.demo import DIFFICULTY as DEMO_DIFFICULTY
+
     p = sub.add_parser("demo", help="HNCL vs the two-view baseline vs NNCLR on synthetic faces, end to end",
                        description="Synthetic faces -> shards -> pretrain HNCL, baseline and NNCLR with the same "
                        "budget -> linear probe + kNN on expression -> DIR/report.md, report.json and PNGs. "
@@ -280,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="one process, no Ray")
     p.add_argument("--steps", type=int, help="pretraining steps per method (default 300, quick 25)")
     p.add_argument("--identities", type=int, nargs=2, metavar=("TRAIN", "TEST"), help="identities per split")
+    p.add_argument("--difficulty", default=DEMO_DIFFICULTY, choices=list(DIFFICULTIES),
+                   help=f"the faces (default {DEMO_DIFFICULTY}: nearest-heatmap purity as on real faces; easy: ~0.99)")
     p.set_defaults(func=_cmd_demo)
 
     return parser

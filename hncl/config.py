@@ -111,6 +111,7 @@ class ShardSetDefaults:
     shard_size: int = 1000  # rows per shard
     max_skip_fraction: float = 0.05  # a build fails above this fraction of skipped rows
     synthetic_samples: int = 1000  # --source synthetic without --num-samples
+    synthetic_difficulty: str = "easy"  # --source synthetic: hncl.data.synthetic.DIFFICULTIES (the demo: realistic)
 
 
 SHARD_SET = ShardSetDefaults()

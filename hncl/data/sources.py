@@ -93,9 +93,10 @@ class Source(abc.ABC):
 class SyntheticSource(Source):
     name = "synthetic"
 
-    def __init__(self, num_samples: int, split: str = "train", seed: int = 0, size: int = 112, per_identity: int = 14):
+    def __init__(self, num_samples: int, split: str = "train", seed: int = 0, size: int = 112, per_identity: int = 14,
+                 difficulty: str = "easy"):
         self.faces = SyntheticFaces(math.ceil(num_samples / per_identity), per_identity, size=size, seed=seed,
-                                    split="test" if split == "test" else "train")
+                                    split="test" if split == "test" else "train", difficulty=difficulty)
         self.num_samples, self.split, self.excluded = num_samples, split, {}
 
     def __len__(self) -> int:
