@@ -108,10 +108,11 @@ def measure(args: argparse.Namespace) -> Dict:
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16"
                 else contextlib.nullcontext)
     descriptor = random_descriptor(args.desc_dim).to(device)
-    settings = {"method.temperature": 0.2, "method.queue_size": args.queue_size, "method.topk": args.topk,
-                "method.batch_neighbours": args.batch_neighbours, "model.proj_out": args.proj_out,
-                "descriptor.dim": args.desc_dim, "dist.num_workers": hdist.world_size()}
-    methods = {name: build_method(load_config(None, [f"{k}={v}" for k, v in {**settings, "method.name": m}.items()]),
+    settings = {"method.temperature": 0.2, "model.proj_out": args.proj_out, "descriptor.dim": args.desc_dim,
+                "dist.num_workers": hdist.world_size()}
+    own = {"simclr": {}, "hncl": {"method.queue_size": args.queue_size, "method.topk": args.topk,
+                                  "method.batch_neighbours": args.batch_neighbours}}
+    methods = {name: build_method(load_config(None, [f"{k}={v}" for k, v in {**settings, **own[m], "method.name": m}.items()]),
                                   model, device, descriptor=descriptor, autocast=autocast)
                for name, m in (("baseline", "simclr"), ("hncl", "hncl"))}
     queue = methods["hncl"].queue

@@ -13,7 +13,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -85,17 +85,17 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "hncl"  # a module of hncl/methods: hncl, simclr (baseline), nnclr, supervised
+    """What every method has. Each method declares its own options in a subclass of this, its
+    `Method.Config` (hncl/core/methods/NAME.py); the method section takes that schema once
+    method.name is known, so `method.topk` exists for nnclr and hncl and is refused for simclr."""
+
+    name: str = "hncl"  # a module of hncl/core/methods: hncl, simclr (baseline), nnclr, supervised
     temperature: float = 0.1
-    nn_weight: float = 1.0  # hncl: lambda, the weight of the heatmap-neighbour terms
-    topk: int = 1  # hncl, nnclr: each of the top-k valid queue neighbours is a positive
-    # hncl: also take each sample's top-n heatmap neighbours in the current global batch as
-    # positives (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
-    batch_neighbours: int = 0
-    # hncl: the in-batch heatmap neighbours are not negatives of the two-view term (false negatives)
-    exclude_neighbours: bool = False
-    queue_size: int = 65536  # hncl, nnclr: global Q, split evenly over the W ranks
-    queue_dtype: Dtype = Dtype.float32
+
+    @staticmethod
+    def validate(me: Any, check: Callable[[bool, str, Any, str], None]) -> None:
+        """Range rules of this method's own options: check(ok, "method.KEY", value, rule)."""
+        check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -352,32 +352,79 @@ def resolve_paths(cfg: DictConfig, base: Optional[str] = None) -> None:
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults <- YAML file <- dotted overrides, typed and validated, local paths absolute
     (resolved against the working directory: see PATH_KEYS)."""
-    cfg: DictConfig = OmegaConf.structured(Config)
+    sources: List[Tuple[Any, str]] = []
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"config error: file not found: {path}")
         try:
-            file_cfg = OmegaConf.load(path)
+            sources.append((OmegaConf.load(path), path))
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"config error: cannot parse {path}: {str(e).splitlines()[0]}") from None
-        _check_sections(file_cfg, path)
-        _check_renamed(file_cfg, path)
-        cfg = _merge(cfg, file_cfg, path)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"config error: override '{bad[0]}' is not of the form key=value")
     if overrides:
         try:
-            dot = OmegaConf.from_dotlist(list(overrides))
+            sources.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
         except OmegaConfBaseException as e:
             raise ConfigError(f"config error: cannot parse overrides: {e}") from None
-        _check_sections(dot, "command line")
-        _check_renamed(dot, "command line")
-        cfg = _merge(cfg, dot, "command line")
+    for tree, source in sources:
+        _check_sections(tree, source)
+        _check_renamed(tree, source)
+    cfg = schema(sources)
+    for tree, source in sources:
+        _check_method_keys(tree, cfg.method, source)
+        cfg = _merge(cfg, tree, source)
     resolve_paths(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def schema(sources: List[Tuple[Any, str]]) -> DictConfig:
+    """The typed defaults for these sources ([(tree, where it came from)]): Config, its method
+    section the Config of the method the sources name (the last one that sets method.name; else
+    the default)."""
+    from hncl.core.methods import METHODS, method_class
+
+    name, source = MethodConfig.name, "the default"
+    for tree, src in sources:
+        node = tree.get("method")
+        if isinstance(node, (dict, DictConfig)) and node.get("name") is not None:
+            name, source = str(node["name"]), src
+    _check(name in METHODS, "method.name", name, f"allowed values: {', '.join(METHODS)} [{source}]")
+    cfg: DictConfig = OmegaConf.structured(Config)
+    cfg.method = method_class(name).Config(name=name)
+    return cfg
+
+
+def typed(resolved: dict) -> DictConfig:
+    """A resolved config sent as a plain dict (to a worker) typed and validated again."""
+    cfg = OmegaConf.merge(schema([(resolved, "the resolved config")]), resolved)
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check_method_keys(tree: Any, schema: Any, source: str) -> None:
+    """A key of the method section that the chosen method does not have: one line saying whose
+    option it is (another method's: a config written for that method), or what is allowed."""
+    from hncl.core.methods import METHODS, method_class
+
+    node = tree.get("method")
+    if not isinstance(node, DictConfig):
+        return
+    allowed = [f.name for f in fields(OmegaConf.get_type(schema))]
+    for key in node:
+        if key in allowed:
+            continue
+        owners = [n for n in METHODS if key in {f.name for f in fields(method_class(n).Config)}]
+        if owners:
+            raise ConfigError(f"config error: method.{key} is an option of {' and '.join(owners)}, not of "
+                              f"method.name={schema.name} (its options: {', '.join(allowed)}): remove it, or set "
+                              f"method.name={owners[0]} [{source}]")
+        hint = difflib.get_close_matches(str(key), allowed, n=1)
+        raise ConfigError(f"config error: unknown key 'method.{key}'" + (f" (did you mean 'method.{hint[0]}'?)" if hint else "")
+                          + f"; keys allowed in 'method' for method.name={schema.name}: {', '.join(allowed)} [{source}]")
 
 
 def _check(cond: bool, key: str, value: Any, rule: str) -> None:
@@ -389,10 +436,9 @@ def _check_finite(cfg: DictConfig) -> None:
     """Every float setting is a finite number: `inf` passes `> 0` (a learning rate, a timeout)
     and `nan` fails every comparison with a message about the range, not the value."""
     for section in fields(Config):
-        for f in fields(_node_class(section.name)):
-            x = cfg[section.name][f.name]
+        for key, x in cfg[section.name].items():  # the method section: the chosen method's options too
             if isinstance(x, float):
-                _check(math.isfinite(x), f"{section.name}.{f.name}", x, "must be a finite number")
+                _check(math.isfinite(x), f"{section.name}.{key}", x, "must be a finite number")
 
 
 def _check_run_name(name: str) -> None:
@@ -419,7 +465,7 @@ def check_ranks(cfg: DictConfig, ranks: int, source: str, global_batch: Optional
     checkpoint's); else data.global_batch_size, or data.batch_size x ranks."""
     me, d = cfg.method, cfg.data
     plural = "s" if ranks != 1 else ""
-    _check(me.queue_size % ranks == 0, "method.queue_size", me.queue_size,
+    _check("queue_size" not in me or me.queue_size % ranks == 0, "method.queue_size", me.get("queue_size"),
            f"must be divisible by the run's {ranks} rank{plural} ({source}): each rank holds Q/W slots")
     if d.global_batch_size is not None:
         _check(d.global_batch_size % ranks == 0, "data.global_batch_size", d.global_batch_size,
@@ -428,7 +474,7 @@ def check_ranks(cfg: DictConfig, ranks: int, source: str, global_batch: Optional
     how = "" if global_batch or d.global_batch_size else \
         f" (data.batch_size={d.batch_size} x {ranks} rank{plural}, {source})"
     # a face has batch - 1 others in the global batch: more neighbours cannot be found (they were cut)
-    _check(me.name != "hncl" or me.batch_neighbours < batch, "method.batch_neighbours", me.batch_neighbours,
+    _check("batch_neighbours" not in me or me.batch_neighbours < batch, "method.batch_neighbours", me.get("batch_neighbours"),
            f"must be < the global batch of {batch} samples{how}: each face has only the others of its batch "
            f"as neighbours")
     # the fault would never fire on a rank the run does not have
@@ -455,19 +501,7 @@ def validate(cfg: DictConfig) -> None:
     from hncl.core.methods import METHODS
 
     _check(me.name in METHODS, "method.name", me.name, f"allowed values: {', '.join(METHODS)}")
-    _check(me.temperature > 0, "method.temperature", me.temperature, "must be > 0")
-    _check(me.nn_weight >= 0, "method.nn_weight", me.nn_weight, "must be >= 0")
-    _check(me.nn_weight > 0 or me.name != "hncl", "method.nn_weight", me.nn_weight,
-           "must be > 0 for method.name=hncl (hncl without its heatmap terms is method.name=simclr)")
-    _check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
-    _check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
-    # without in-batch neighbours there is nothing to exclude: the setting would do nothing
-    _check(not me.exclude_neighbours or me.batch_neighbours >= 1 or me.name != "hncl", "method.exclude_neighbours",
-           True, "needs method.batch_neighbours >= 1 (it keeps the in-batch neighbours out of the negatives)")
-    _check(me.queue_size >= 1, "method.queue_size", me.queue_size, "must be >= 1")
-    # the whole queue holds queue_size entries: more neighbours than that cannot be found (they were cut)
-    _check(me.topk <= me.queue_size, "method.topk", me.topk,
-           f"must be <= method.queue_size={me.queue_size} (the neighbours are entries of the queue)")
+    OmegaConf.get_type(me).validate(me, _check)  # the method's own options (its Method.Config)
     # descriptor: null = the shard set's; a value must match the set's (checked against the set in
     # hncl.infra.preflight.pretrain, before anything is written)
     _check(d.resolution is None or d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,

@@ -91,7 +91,7 @@ BAD_SETTINGS = [
     (["run.fail_rank=-1"], "run.fail_rank"),
     (["run.fail_at_step=0"], "run.fail_at_step"),
     (["run.fail_at_step=5", "run.fail_rank=1"], "run.fail_rank"),  # one rank: the fault would never fire
-    (["method.nn_weight=-1", "method.name=simclr"], "method.nn_weight"),
+    (["method.nn_weight=-1"], "method.nn_weight"),
     (["method.batch_neighbours=0", "method.exclude_neighbours=true"], "method.exclude_neighbours"),
     (["descriptor.dim=0"], "descriptor.dim"),
     # derived values that used to be cut silently: now refused
@@ -101,6 +101,35 @@ BAD_SETTINGS = [
     (["method.topk=5000"], "method.topk"),  # queue 1024
     (["data.global_batch_size=30", "dist.num_workers=4"], "data.global_batch_size"),
 ]
+
+
+def test_each_method_owns_its_options():
+    """The method section is the chosen method's Config: its own options with their defaults, no
+    other method's; an option of another method is refused naming whose it is (a config written
+    for that method), a misspelt one with the keys this method has."""
+    assert set(load_config(None, ["method.name=simclr"]).method) == {"name", "temperature"}
+    nnclr = load_config(None, ["method.name=nnclr", "method.topk=3"]).method
+    assert set(nnclr) == {"name", "temperature", "topk", "queue_size", "queue_dtype"} and nnclr.topk == 3
+    assert load_config(None).method.batch_neighbours == 0  # hncl's defaults, from its own Config
+    # the last source that names the method picks the schema: the file's hncl options, then simclr on the command line
+    with pytest.raises(ConfigError, match=r"^config error: method.topk is an option of nnclr and hncl, not of "
+                                          r"method.name=simclr \(its options: name, temperature\): remove it, or set "
+                                          r"method.name=nnclr \[configs/debug.yaml\]$"):
+        load_config("configs/debug.yaml", ["method.name=simclr"])
+    with pytest.raises(ConfigError, match=r"unknown key 'method.batch_neighbour' \(did you mean 'method.batch_neighbours'\?\); "
+                                          r"keys allowed in 'method' for method.name=hncl: name, temperature, topk"):
+        load_config(None, ["method.batch_neighbour=5"])
+    with pytest.raises(ConfigError, match=r"method.exclude_neighbours is an option of hncl, not of method.name=nnclr"):
+        load_config(None, ["method.exclude_neighbours=true", "method.name=nnclr"])
+    # what a worker gets (plain data) types back to the same config, for every method
+    from hncl.config import typed
+    from hncl.core.methods import METHODS
+    from hncl.train.launch import worker_config
+
+    for name in METHODS:
+        cfg = load_config(None, [f"method.name={name}", "method.temperature=0.3"])
+        again = typed(worker_config(cfg, "local")["cfg"])
+        assert again == cfg and OmegaConf.get_type(again.method) is OmegaConf.get_type(cfg.method)
 
 
 @pytest.mark.parametrize("overrides, field", BAD_SETTINGS)
@@ -314,6 +343,7 @@ def test_every_cli_error_a_user_can_cause_is_one_line_and_exit_1(argv, must_cont
     (["demo", "--steps", "0"], "--steps must be >= 1"),
     (["demo", "--identities", "0", "3"], "--identities must be >= 1"),
     (["demo", "--seeds", "5-2"], "--seeds 5-2"),
+    (["make-shards", "--source", "folder", "--input", ".", "--difficulty", "realistic"], "--difficulty is for --source synthetic"),
 ])
 def test_command_flags_out_of_range_are_one_line_and_write_nothing(args, words, tmp_path, capsys):
     from hncl.cli import main

@@ -20,7 +20,7 @@ TAU = 0.15
 
 def method_cfg(name, **over):
     """A config for a method on the tiny model (proj_out 12)."""
-    base = {"method.name": name, "method.temperature": TAU, "model.proj_out": 12, "method.batch_neighbours": 0}
+    base = {"method.name": name, "method.temperature": TAU, "model.proj_out": 12}
     return load_config(None, [f"{k}={v}" for k, v in {**base, **over}.items()])
 
 
@@ -198,7 +198,7 @@ def test_supervised_positives_are_the_label_mates_of_the_global_batch():
 def test_registry_builds_every_method_by_name_and_old_settings_say_what_to_write():
     assert set(METHODS) == {"simclr", "nnclr", "hncl", "supervised"}
     for name in METHODS:
-        cfg = method_cfg(name, **{"method.queue_size": 64})
+        cfg = method_cfg(name, **({"method.queue_size": 64} if name in ("nnclr", "hncl") else {}))
         method = build_method(cfg, tiny_model())
         assert isinstance(method, method_class(name)) and method.name == name
         assert (method.state_name == "queue") == (name in ("nnclr", "hncl"))

@@ -31,11 +31,12 @@ from hncl.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # hncl/commands/ -> the checkout
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+QUEUE = {"method.queue_size": 2048, "method.topk": 1}  # hncl's and nnclr's, the same
 METHODS = {  # demo name -> method settings (everything else is shared: configs/demo.yaml)
     # queue heatmap neighbours + each face's 5 nearest heatmaps in the global batch (see README)
-    "hncl": {"method.name": "hncl", "method.batch_neighbours": 5},
+    "hncl": {"method.name": "hncl", **QUEUE, "method.batch_neighbours": 5},
     "baseline": {"method.name": "simclr"},
-    "nnclr": {"method.name": "nnclr"},
+    "nnclr": {"method.name": "nnclr", **QUEUE},
 }
 RANDOM = "random-init"  # the probe on an encoder nobody trained: the floor
 SIZES = {  # (train identities, test identities, faces per identity, pretraining steps)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from hncl.config import AugmentOn, Config, Stem, Strategy, check_ranks, run_dir, validate
+from hncl.config import AugmentOn, Stem, Strategy, check_ranks, run_dir, typed
 from hncl.core import dist as hdist
 from hncl.core.methods import build_method
 from hncl.core.model import HNCLModel
@@ -41,9 +41,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 def typed_config(cfg_dict: dict):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg_dict)
-    validate(cfg)
-    return cfg
+    return typed(cfg_dict)
 
 
 class Trainer:

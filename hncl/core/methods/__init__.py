@@ -1,10 +1,12 @@
 """Pretraining methods, one module each, found by `method.name`.
 
-Adding a method: one module here with a `Method` subclass, and one line in METHODS. The
-engine (hncl.train.engine) and the pretraining loop (hncl.train.loop) need no change: they
-call `training_step`, and checkpoint whatever `state_dict` returns per rank.
+Adding a method: one module here with a `Method` subclass (its own options, if any, in a
+`Config` dataclass: a subclass of hncl.config.MethodConfig with their defaults and ranges), and
+one line in METHODS. The config (hncl.config), the engine (hncl.train.engine) and the
+pretraining loop (hncl.train.loop) need no change: the method section takes the chosen method's
+Config, the loop calls `training_step`, and the engine checkpoints `state_dict` per rank.
 
-METHODS maps names to "module:Class" so that reading a config does not import torch.
+METHODS maps names to "module:Class": a module is imported only when its method is chosen.
 """
 
 import importlib

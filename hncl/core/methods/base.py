@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.profiler import record_function
 
-from hncl.config import Dtype
+from hncl.config import Dtype, MethodConfig
 from hncl.core import dist as hdist
 from hncl.core.queue import ShardedNeighborQueue, reshard_states
 
@@ -27,6 +28,7 @@ class Method(abc.ABC):
 
     name = ""
     state_name: Optional[str] = None  # None: nothing to checkpoint beyond the model
+    Config = MethodConfig  # the method section's schema: a subclass adds the method's own options
 
     def __init__(self, cfg, model: torch.nn.Module, device: torch.device | str = "cpu",
                  descriptor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -72,11 +74,28 @@ class Method(abc.ABC):
         return None
 
 
+@dataclass
+class QueueConfig(MethodConfig):
+    topk: int = 1  # each of the top-k valid queue neighbours is a positive
+    queue_size: int = 65536  # global Q, split evenly over the W ranks
+    queue_dtype: Dtype = Dtype.float32
+
+    @staticmethod
+    def validate(me, check) -> None:
+        MethodConfig.validate(me, check)
+        check(me.topk >= 1, "method.topk", me.topk, "must be >= 1")
+        check(me.queue_size >= 1, "method.queue_size", me.queue_size, "must be >= 1")
+        # the whole queue holds queue_size entries: more neighbours than that cannot be found
+        check(me.topk <= me.queue_size, "method.topk", me.topk,
+              f"must be <= method.queue_size={me.queue_size} (the neighbours are entries of the queue)")
+
+
 class QueueMethod(Method):
     """A method that draws positives from a ShardedNeighborQueue (method.queue_size slots over
     all ranks, method.topk neighbours per query); the queue is its per-rank state."""
 
     state_name = "queue"
+    Config = QueueConfig
 
     def __init__(self, cfg, model, key_dim: Optional[int] = None, **kwargs):
         super().__init__(cfg, model, **kwargs)

@@ -34,13 +34,15 @@ Example (one process)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
 from hncl.core import dist as hdist
 from hncl.core.loss import Predictions, neighbour_term, positives_term, report, view_term
-from hncl.core.methods.base import QueueMethod
+from hncl.core.methods.base import QueueConfig, QueueMethod
 from hncl.core.topk import topk_stable
 
 
@@ -63,8 +65,29 @@ def batch_heatmap_neighbours(desc: torch.Tensor, n: int) -> torch.Tensor:
     return idx
 
 
+@dataclass
+class HNCLConfig(QueueConfig):
+    nn_weight: float = 1.0  # lambda, the weight of the heatmap-neighbour terms
+    # also take each sample's top-n heatmap neighbours in the current global batch as positives
+    # (gradient through both sides, unlike the queue's stored embeddings). 0 = queue only.
+    batch_neighbours: int = 0
+    # the in-batch heatmap neighbours are not negatives of the two-view term (false negatives)
+    exclude_neighbours: bool = False
+
+    @staticmethod
+    def validate(me, check) -> None:
+        QueueConfig.validate(me, check)
+        check(me.nn_weight > 0, "method.nn_weight", me.nn_weight,
+              "must be > 0 for method.name=hncl (hncl without its heatmap terms is method.name=simclr)")
+        check(me.batch_neighbours >= 0, "method.batch_neighbours", me.batch_neighbours, "must be >= 0")
+        # without in-batch neighbours there is nothing to exclude: the setting would do nothing
+        check(not me.exclude_neighbours or me.batch_neighbours >= 1, "method.exclude_neighbours", True,
+              "needs method.batch_neighbours >= 1 (it keeps the in-batch neighbours out of the negatives)")
+
+
 class HNCL(QueueMethod):
     name = "hncl"
+    Config = HNCLConfig
 
     def __init__(self, cfg, model, key_dim=None, **kwargs):
         # the search keys are the shard set's descriptors; a descriptor.dim set in the config was

@@ -13,7 +13,7 @@ Example (one process)::
     >>> from hncl.config import load_config
     >>> from hncl.core.methods import build_method
     >>> from hncl.core.model import HNCLModel
-    >>> cfg = load_config("configs/debug.yaml", ["method.name=nnclr", "method.queue_size=64"])
+    >>> cfg = load_config(None, ["method.name=nnclr", "method.queue_size=64", "model.proj_out=64"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
     >>> nnclr = build_method(cfg, model)
     >>> x = torch.randn(4, 3, 32, 32)

@@ -12,7 +12,7 @@ Example (one process)::
     >>> from hncl.config import load_config
     >>> from hncl.core.methods import build_method
     >>> from hncl.core.model import HNCLModel
-    >>> cfg = load_config("configs/debug.yaml", ["method.name=simclr"])
+    >>> cfg = load_config(None, ["method.name=simclr", "model.proj_out=64"])
     >>> model = HNCLModel("resnet18", width=8, proj_hidden=16, proj_out=cfg.model.proj_out, pred_hidden=16)
     >>> x = torch.randn(4, 3, 32, 32)
     >>> loss, metrics = build_method(cfg, model).training_step({"x1": x, "x2": x.flip(-1), "id": torch.arange(4)})
