@@ -5,8 +5,10 @@ synthetic people drawn from another seed's stream (disjoint from both train and 
 Each variant is pretrained in one process with the demo's budget and linear-probed / kNN'ed.
 
     python benchmarks/demo_ablation.py [--steps 150] [--variants hncl baseline hncl_lambda05 ...]
+        [--difficulty realistic | easy]
 
-Writes benchmarks/results/demo_ablation.json.
+The faces are the demo's (realistic) unless --difficulty says otherwise (hncl/data/synthetic.py,
+DIFFICULTIES). Writes benchmarks/results/demo_ablation.json, one entry per (difficulty, seed, steps).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import shutil
 import time
 
 
-from hncl.commands.demo import CONFIG, METHODS, _shards
+from hncl.commands.demo import CONFIG, DIFFICULTY, METHODS, _shards
 from hncl.config import load_config
+from hncl.data.synthetic import DIFFICULTIES
 from hncl.train.finetune import finetune_loop
 from hncl.train.launch import launch, pretrain
 
@@ -55,18 +58,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--difficulty", default=DIFFICULTY, choices=list(DIFFICULTIES), help="the faces (default %(default)s)")
     args = ap.parse_args()
-    train = _shards(args.out, "train", 200, 14, args.seed, print)
-    val = _shards(args.out, "val", 60, 14, args.seed + 1000, print)  # other people: another seed's stream
-    path = os.path.join(os.path.dirname(args.out.rstrip("/")), "demo_ablation.json")
-    results, old = {}, {}
-    if os.path.exists(path):  # keep other variants' results from earlier runs of this seed/steps
+    out = args.out = os.path.join(args.out, args.difficulty)
+    train = _shards(out, "train", 200, 14, args.seed, args.difficulty, print)
+    val = _shards(out, "val", 60, 14, args.seed + 1000, args.difficulty, print)  # other people: another seed's stream
+    path = os.path.join(os.path.dirname(os.path.dirname(out.rstrip("/"))), "demo_ablation.json")
+    runs = {}
+    if os.path.exists(path):  # keep other settings' and variants' results from earlier runs
         with open(path) as f:
-            old = json.load(f)
-        if (old.get("steps"), old.get("seed")) == (args.steps, args.seed):
-            results = old["results"]
-        else:
-            old = {}
+            runs = json.load(f)
+        if "results" in runs:  # the file's layout before #24: one (seed, steps) on the easy faces
+            runs = {f"easy seed={runs['seed']} steps={runs['steps']}": runs["results"]}
+    key = f"{args.difficulty} seed={args.seed} steps={args.steps}"
+    results = runs.setdefault(key, {})
     for name in args.variants:
         run = os.path.join(args.out, "runs", name)
         init = os.path.join(run, "encoder.safetensors") if VARIANTS[name] is not None else "none"
@@ -76,13 +81,13 @@ def main() -> None:
             seconds = _pretrain(args, name, train)
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={val}",
                                    f"finetune.init={init}",
-                                   f"run.output_dir={os.path.join(args.out, 'probe')}", f"run.name={name}"])
+                                   f"run.output_dir={os.path.join(out, 'probe')}", f"run.name={name}"])
         rep = launch(cfg, finetune_loop, debug=True)
         results[name] = {"val_linear_acc": rep["accuracy"], "val_knn_acc": rep["knn"]["accuracy"],
                          "seconds": round(seconds, 1)}
         print(name, results[name], flush=True)
         with open(path, "w") as f:
-            json.dump({**old, "steps": args.steps, "seed": args.seed, "results": results}, f, indent=1)
+            json.dump(runs, f, indent=1)
 
 
 def _pretrain(args, name: str, train: str) -> float:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from hncl.config import SHARD_SET, ConfigError, load_config, to_yaml
 from hncl.data.synthetic import DIFFICULTIES
-from hncl.errors import one_line, user_error_in
+from hncl.errors import InputError, one_line, user_error_in
 from hncl.heatmaps.detect import DETECT_MODES
 from hncl.infra import tempfiles
 
@@ -28,9 +28,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
     if args.source != "synthetic" and args.difficulty != SHARD_SET.synthetic_difficulty:
-        print("hncl make-shards: --difficulty is for --source synthetic (real faces are as hard as they are)",
-              file=sys.stderr)
-        return 2
+        raise InputError("--difficulty is for --source synthetic (real faces are as hard as they are)")
     if args.preview:
         if args.source != "synthetic":
             print("hncl make-shards: --preview needs --source synthetic", file=sys.stderr)
@@ -158,8 +156,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hncl.commands.demo import parse_seeds, run_demo, run_seeds
-
-    from hncl.errors import InputError
 
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")

@@ -4,9 +4,27 @@ consistency with the probe runs behind it, and the multi-seed summary."""
 import json
 
 import numpy as np
+import pytest
 
 from hncl.cli import main
 from hncl.commands.demo import RANDOM, parse_seeds
+
+
+def test_seeds_never_mix_kept_runs_of_other_settings(tmp_path):
+    """A kept seed_S/report.json made at another difficulty (or size, or steps) is refused in one
+    line before anything runs: a summary over mixed settings would be a wrong claim."""
+    from hncl.commands.demo import SIZES, run_seeds
+    from hncl.errors import InputError
+
+    kept = tmp_path / "seed_0"
+    kept.mkdir()
+    made = {"seed": 0, "quick": True, "steps": 4, "train_faces": 6 * SIZES["quick"][2]}  # no key: made before #24, easy
+    (kept / "report.json").write_text(json.dumps({"_run": made}))
+    with pytest.raises(InputError, match=r"seed_0/report.json was made with difficulty easy \(now realistic\)"):
+        run_seeds(str(tmp_path), [0, 1], quick=True, steps=4, identities=(6, 4))
+    with pytest.raises(InputError, match=r"steps 4 \(now 5\)"):
+        run_seeds(str(tmp_path), [0, 1], quick=True, steps=5, identities=(6, 4), difficulty="easy")
+    assert not (tmp_path / "seed_1").exists()
 
 
 def test_seed_lists():
