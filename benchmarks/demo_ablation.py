@@ -20,7 +20,7 @@ import shutil
 import time
 
 
-from hncl.commands.demo import CONFIG, DIFFICULTY, METHODS, _shards
+from hncl.commands.demo import CONFIG, DIFFICULTY, METHODS, _shards, _training_purity
 from hncl.config import load_config
 from hncl.data.synthetic import DIFFICULTIES
 from hncl.train.finetune import finetune_loop
@@ -42,6 +42,14 @@ VARIANTS = {
     # issue #17: false negatives, more in-batch positives
     "hncl_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
     "hncl_batch10_exclude": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.exclude_neighbours": True},
+    # issue #24: noisy heatmap neighbours (realistic faces): fewer or surer in-batch positives
+    "hncl_batch1": {**METHODS["hncl"], "method.batch_neighbours": 1},
+    "hncl_batch2": {**METHODS["hncl"], "method.batch_neighbours": 2},
+    "hncl_top5": {**METHODS["hncl"], "method.topk": 5},  # five queue neighbours: their noise averages out
+    "hncl_any": {**METHODS["hncl"], "method.batch_pool": "any"},  # MIL-NCE over the in-batch neighbours
+    "hncl_batch10_any": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.batch_pool": "any"},
+    "hncl_mutual": {**METHODS["hncl"], "method.mutual_neighbours": True},
+    "hncl_batch10_mutual": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.mutual_neighbours": True},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**METHODS["hncl"], "method.nn_weight": 2.0},
     "hncl_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
@@ -85,6 +93,8 @@ def main() -> None:
         rep = launch(cfg, finetune_loop, debug=True)
         results[name] = {"val_linear_acc": rep["accuracy"], "val_knn_acc": rep["knn"]["accuracy"],
                          "seconds": round(seconds, 1)}
+        if VARIANTS[name] is not None:  # what the positives were: share of the anchor's expression
+            results[name].update(queue_purity=_training_purity(run), batch_purity=_training_purity(run, "batch_nn_purity"))
         print(name, results[name], flush=True)
         with open(path, "w") as f:
             json.dump(runs, f, indent=1)

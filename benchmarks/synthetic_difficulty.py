@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from hncl.config import SHARD_SET
-from hncl.data.synthetic import DIFFICULTIES, Difficulty, SyntheticFaces
+from hncl.data.synthetic import DIFFICULTIES, KNOBS, Difficulty, SyntheticFaces
 from hncl.evaluate import knn
 from hncl.heatmaps.align import align_faces
 from hncl.heatmaps.descriptor import HeatmapDescriptor
 from hncl.heatmaps.render import pool_heatmaps, render_heatmaps
 
-KNOBS = ("min_intensity", "personal_style", "asymmetry", "pose", "landmark_noise")
 
 
 def settings() -> dict:

@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="PATH", help="dataset root (or CSV); not for synthetic")
     p.add_argument("--num-samples", type=int, help=f"faces to generate (synthetic; default {SHARD_SET.synthetic_samples})")
     p.add_argument("--difficulty", default=SHARD_SET.synthetic_difficulty, choices=list(DIFFICULTIES),
-                   help="synthetic: easy (every expression at 0.5-1 intensity, frontal, exact landmarks) or "
-                        "realistic (subtle and personal expressions, head pose, detector-like landmark noise)")
+                   help="synthetic: easy (every expression at 0.5-1 intensity, frontal, exact landmarks), "
+                        "realistic (subtle and personal expressions, head pose, detector-like landmark noise) or "
+                        "realistic-no-KNOB (one knob of hncl/data/synthetic.py at its easy value)")
     p.add_argument("--out", metavar="DIR_OR_S3_URL", help="output folder, e.g. shards/NAME or s3://bucket/prefix")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--extractor", default="landmarks", choices=["landmarks", "dlib", "fan"],

@@ -93,6 +93,8 @@ BAD_SETTINGS = [
     (["run.fail_at_step=5", "run.fail_rank=1"], "run.fail_rank"),  # one rank: the fault would never fire
     (["method.nn_weight=-1"], "method.nn_weight"),
     (["method.batch_neighbours=0", "method.exclude_neighbours=true"], "method.exclude_neighbours"),
+    (["method.batch_neighbours=0", "method.mutual_neighbours=true"], "method.mutual_neighbours"),
+    (["method.batch_neighbours=0", "method.batch_pool=any"], "method.batch_pool"),
     (["descriptor.dim=0"], "descriptor.dim"),
     # derived values that used to be cut silently: now refused
     (["method.batch_neighbours=500"], "method.batch_neighbours"),  # global batch 32

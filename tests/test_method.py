@@ -134,6 +134,19 @@ def test_multi_positive_nce_matches_a_hand_written_reference():
         denom = sum(torch.exp(a[i] @ c[j] / TAU) for j in range(6))
         want.append(-sum(torch.log(torch.exp(a[i] @ c[j] / TAU) / denom) for j in pos) / len(pos) if pos else 0.0)
     assert torch.allclose(got, torch.tensor([float(w) for w in want]), atol=1e-5)
+    # pool "any" (MIL-NCE): -log of the positives' summed probability; the same from a mask, and
+    # never more than "each" (log of a sum >= mean of logs), equal with one positive
+    any_ = multi_positive_nce(anchors, cands, positives, TAU, pool="any")
+    want_any = []
+    for i, pos in enumerate(positives.tolist()):
+        pos = [j for j in pos if j >= 0]
+        denom = sum(torch.exp(a[i] @ c[j] / TAU) for j in range(6))
+        want_any.append(-torch.log(sum(torch.exp(a[i] @ c[j] / TAU) for j in pos) / denom) if pos else 0.0)
+    assert torch.allclose(any_, torch.tensor([float(w) for w in want_any]), atol=1e-5)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[1, 0] = True
+    assert torch.allclose(multi_positive_nce(anchors, cands, mask, TAU, pool="any"), any_, atol=1e-6)
+    assert any_[0] < got[0] and torch.allclose(any_[1:], got[1:])
 
 
 def test_batch_heatmap_neighbours_brute_force_and_small_batches():
@@ -143,20 +156,28 @@ def test_batch_heatmap_neighbours_brute_force_and_small_batches():
     sim = F.normalize(desc, dim=1) @ F.normalize(desc, dim=1).T
     sim.fill_diagonal_(float("-inf"))
     assert torch.equal(got, sim.argsort(dim=1, descending=True)[:, :3])
+    # mutual: j stays in i's list only if i is in j's list too, in place, -1 where dropped
+    mutual = batch_heatmap_neighbours(desc, 3, mutual=True)
+    want = [[j if i in got[j].tolist() else -1 for j in got[i].tolist()] for i in range(9)]
+    assert mutual.tolist() == want and 0 < (mutual >= 0).sum() < 27  # some kept, some dropped
     assert batch_heatmap_neighbours(desc[:2], 3).tolist() == [[1, -1, -1], [0, -1, -1]]
+    assert batch_heatmap_neighbours(desc[:2], 3, mutual=True).tolist() == [[1, -1, -1], [0, -1, -1]]
     assert batch_heatmap_neighbours(desc[:1], 2).tolist() == [[-1, -1]]
 
 
 def _batch_neighbours_on_ranks(desc):
     rank = dist.get_rank()
-    return batch_heatmap_neighbours(desc[rank * 4:(rank + 1) * 4], 3)
+    mine = desc[rank * 4:(rank + 1) * 4]
+    return batch_heatmap_neighbours(mine, 3), batch_heatmap_neighbours(mine, 3, mutual=True)
 
 
 def test_batch_heatmap_neighbours_index_the_global_batch(run_distributed):
-    """Two ranks of 4 find the same global-batch indices as one process holding all 8."""
+    """Two ranks of 4 find the same global-batch indices as one process holding all 8 (also
+    the mutual ones, whose check needs the other rank's lists)."""
     desc = torch.randn(8, 6, generator=torch.Generator().manual_seed(6))
     parts = run_distributed(_batch_neighbours_on_ranks, 2, desc)
-    assert torch.equal(torch.cat(parts), batch_heatmap_neighbours(desc, 3))
+    assert torch.equal(torch.cat([p[0] for p in parts]), batch_heatmap_neighbours(desc, 3))
+    assert torch.equal(torch.cat([p[1] for p in parts]), batch_heatmap_neighbours(desc, 3, mutual=True))
 
 
 def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
@@ -175,6 +196,13 @@ def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
     want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU) + multi_positive_nce(z2, p1, pos, TAU)).mean()
     assert m["loss_batch_nn"] == pytest.approx(float(want), rel=1e-5)
     assert float(loss.detach()) == pytest.approx(m["loss_view"] + m["loss_batch_nn"], rel=1e-5)
+    # the options for noisy neighbours reach the term: mutual neighbours only, pooled as "any"
+    cfg = method_cfg("hncl", **{"method.queue_size": 8, "descriptor.dim": 2, "method.batch_neighbours": 2,
+                                "method.mutual_neighbours": True, "method.batch_pool": "any"})
+    _, m = HNCL(cfg, model).training_step(batch)
+    pos = batch_heatmap_neighbours(batch["desc"], 2, mutual=True)
+    want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU, "any") + multi_positive_nce(z2, p1, pos, TAU, "any"))
+    assert m["loss_batch_nn"] == pytest.approx(float(want[(pos >= 0).any(1)].mean()), rel=1e-5)
 
 
 def test_supervised_positives_are_the_label_mates_of_the_global_batch():

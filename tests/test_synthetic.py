@@ -147,7 +147,13 @@ def test_realistic_faces_make_the_nearest_heatmap_as_noisy_as_on_real_faces():
 
 
 def test_bad_difficulty_is_refused_by_name():
-    with pytest.raises(ValueError, match="unknown difficulty 'hard'; choose one of easy, realistic"):
+    with pytest.raises(ValueError, match="unknown difficulty 'hard'; choose one of easy, realistic, realistic-no-"):
         SyntheticFaces(1, 1, difficulty="hard")
+    # realistic-no-KNOB: realistic with that one knob at its easy value, every other knob kept
+    real, easy = DIFFICULTIES["realistic"], DIFFICULTIES["easy"]
+    assert SyntheticFaces(1, 1, difficulty="realistic-no-pose").difficulty == Difficulty(
+        real.min_intensity, real.personal_style, real.asymmetry, easy.pose, real.landmark_noise)
+    assert DIFFICULTIES["realistic-no-min-intensity"].min_intensity == easy.min_intensity == 0.5
+    assert len(DIFFICULTIES) == 2 + 5
     with pytest.raises(ValueError, match="pose must be in"):
         Difficulty(pose=2.0)

@@ -74,9 +74,6 @@ def _training_purity(run_dir: str, key: str = "nn_purity") -> Optional[float]:
 def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: bool = False,
              steps: Optional[int] = None, identities: Optional[tuple] = None, difficulty: str = DIFFICULTY,
              log=print) -> Dict:
-    from hncl.train.finetune import finetune_loop
-    from hncl.train.launch import launch, pretrain
-
     t_start = time.time()
     n_train, n_test, per_id, default_steps = SIZES["quick" if quick else "default"]
     if identities:
@@ -92,40 +89,20 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
     faces = SyntheticFaces(4, 7, size=112, seed=seed, difficulty=difficulty)
     contact_sheet([faces[i] for i in range(28)], os.path.join(out, "faces.png"), columns=7)
 
-    workers = 1 if debug else 2
-    base = load_config(CONFIG).data.batch_size
-    common = {"data.train_shards": train, "run.output_dir": os.path.join(out, "runs"), "run.seed": seed,
-              "data.steps_per_epoch": steps, "dist.num_workers": workers, "data.batch_size": base * 2 // workers}
     if not debug:
         from hncl.infra.raycluster import connect_ray
 
         log(f"[demo] Ray: {connect_ray(num_cpus=2)}")
     results: Dict[str, Dict] = {}
     for i, (name, method) in enumerate(METHODS.items(), 1):
-        run_dir = os.path.join(out, "runs", name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh experiment, not a resume
-        cfg = load_config(CONFIG, [f"{k}={v}" for k, v in {**common, **method, "run.name": name}.items()])
-        log(f"[demo 2/4] pretraining {i}/3: {name} ({steps} steps, global batch {base * 2}, "
+        log(f"[demo 2/4] pretraining {i}/3: {name} ({steps} steps, global batch {_global_batch()}, "
             f"{'1 process' if debug else '2 Ray workers'})")
-        t0 = time.time()
-        pretrain(cfg, debug=debug)
-        results[name] = {"training_seconds": round(time.time() - t0, 1),
-                         "neighbour_purity": _training_purity(run_dir),
-                         "batch_neighbour_purity": _training_purity(run_dir, "batch_nn_purity")}
+        results[name] = pretrain_method(out, name, method, train, seed, steps, debug)
     log("[demo 3/4] linear probe + kNN of each frozen encoder on expression (held-out identities)")
 
     results[RANDOM] = {"training_seconds": 0.0, "neighbour_purity": None, "batch_neighbour_purity": None}
     for name in [*METHODS, RANDOM]:
-        init = "none" if name == RANDOM else os.path.join(out, "runs", name, "encoder.safetensors")
-        cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={test}",
-                                   f"finetune.init={init}", f"run.output_dir={os.path.join(out, 'probe')}",
-                                   f"run.name={name}", f"run.seed={seed}", "data.loader_workers=1"])
-        report = launch(cfg, finetune_loop, debug=True)  # on the driver: the probe is small
-        results[name].update(linear_acc=report["accuracy"], linear_macro_f1=report["macro_f1"],
-                             knn_acc=report["knn"]["accuracy"],
-                             per_class_acc={c: round(v["recall"], 4) for c, v in report["per_class"].items()},
-                             embedding_purity=report["neighbours"].get("embedding_k1"),
-                             heatmap_purity=report["neighbours"]["heatmap_k1"], chance=report["neighbours"]["chance"])
+        results[name].update(probe(out, name, train, test, seed))
         shutil.copy(os.path.join(out, "probe", name, "confusion_matrix.png"), os.path.join(out, f"confusion_{name}.png"))
     shutil.copy(os.path.join(out, "probe", "hncl", "neighbour_grid.png"), os.path.join(out, "neighbour_grid.png"))
     log("[demo 4/4] report")
@@ -145,6 +122,45 @@ def run_demo(out: str = "demo_out", seed: int = 0, quick: bool = False, debug: b
         log(QUICK_NOTE)
     log(f"done in {summary['seconds']:.0f}s: {out}/report.md")
     return summary
+
+
+def pretrain_method(out: str, name: str, method: Dict, train: str, seed: int, steps: int, debug: bool = False) -> Dict:
+    """Pretrain one method with the demo's shared settings into out/runs/name (a fresh run, not a
+    resume): its time and the purity of the positives it was given."""
+    from hncl.train.launch import pretrain
+
+    workers, batch = (1 if debug else 2), _global_batch()
+    run_dir = os.path.join(out, "runs", name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    common = {"data.train_shards": train, "run.output_dir": os.path.join(out, "runs"), "run.seed": seed,
+              "data.steps_per_epoch": steps, "dist.num_workers": workers, "data.batch_size": batch // workers}
+    cfg = load_config(CONFIG, [f"{k}={v}" for k, v in {**common, **method, "run.name": name}.items()])
+    t0 = time.time()
+    pretrain(cfg, debug=debug)
+    return {"training_seconds": round(time.time() - t0, 1), "neighbour_purity": _training_purity(run_dir),
+            "batch_neighbour_purity": _training_purity(run_dir, "batch_nn_purity")}
+
+
+def _global_batch() -> int:
+    """The demo's global batch: configs/demo.yaml's per-worker batch on 2 workers (also in one process)."""
+    return 2 * load_config(CONFIG).data.batch_size
+
+
+def probe(out: str, name: str, train: str, test: str, seed: int) -> Dict:
+    """Linear probe and kNN of out/runs/name's frozen encoder (random-init: a fresh one) on the
+    test identities' expressions, on the driver (the probe is small)."""
+    from hncl.train.finetune import finetune_loop
+    from hncl.train.launch import launch
+
+    init = "none" if name == RANDOM else os.path.join(out, "runs", name, "encoder.safetensors")
+    cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={test}",
+                               f"finetune.init={init}", f"run.output_dir={os.path.join(out, 'probe')}",
+                               f"run.name={name}", f"run.seed={seed}", "data.loader_workers=1"])
+    report = launch(cfg, finetune_loop, debug=True)
+    return dict(linear_acc=report["accuracy"], linear_macro_f1=report["macro_f1"], knn_acc=report["knn"]["accuracy"],
+                per_class_acc={c: round(v["recall"], 4) for c, v in report["per_class"].items()},
+                embedding_purity=report["neighbours"].get("embedding_k1"),
+                heatmap_purity=report["neighbours"]["heatmap_k1"], chance=report["neighbours"]["chance"])
 
 
 def parse_seeds(text: str) -> List[int]:

@@ -11,7 +11,9 @@ against every b_j of the *global* batch (all ranks), the positive being b_i. Wit
 neighbours each valid one is a positive: a sample's term is the mean over its valid neighbours,
 and samples with none (queue still filling) are left out of the mean rather than given a
 garbage target. The positives term takes, per anchor, indices into the global batch (-1 = none)
-or a boolean mask over it; those embeddings are fresh and carry gradient.
+or a boolean mask over it; those embeddings are fresh and carry gradient. Its pool "each" pulls
+in every positive; "any" (MIL-NCE) asks only that the anchor match some of them, which is what
+noisy positives (realistic faces' heatmap neighbours) need.
 
 Each term is this rank's share: its average over ranks is the term of one process on the whole
 global batch, and its gradient, averaged over ranks by DDP, is that process's gradient (the
@@ -20,6 +22,7 @@ predictions are gathered with a gradient-carrying all-gather; means are over glo
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -52,19 +55,39 @@ def nce_per_sample(anchors: torch.Tensor, candidates: torch.Tensor, offset: int,
     return loss.squeeze(1) if squeeze else loss
 
 
+class Pool(str, enum.Enum):
+    """How a term with several positives per anchor pools them (multi_positive_nce)."""
+
+    each = "each"  # every positive pulled in: the mean of their -log p
+    any = "any"  # some of them matched is enough: -log of their summed p (MIL-NCE)
+
+
 def multi_positive_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, pool: Pool = Pool.each) -> torch.Tensor:
     """Per-anchor InfoNCE with several positives: anchors [B, D], candidates [N, D] (the global
     batch), positives [B, n] indices into candidates (-1 = none) or a bool mask [B, N]. Returns
-    [B] = the mean over a sample's positives of -log softmax(anchor . candidates / T)[positive];
-    0 where it has none."""
+    [B]; 0 where a sample has none.
+      pool "each": the mean over its positives of -log softmax(anchor . candidates / T)[positive]
+                   (every positive is pulled in);
+      pool "any":  -log of the summed softmax mass on its positives (MIL-NCE): matching some of
+                   them is enough, so positives that do not belong (noisy neighbours) get little pull.
+    """
+    pool = Pool(pool)
     logits = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T
     logp = F.log_softmax(logits / temperature, dim=1)
-    if positives.dtype == torch.bool:
+    if positives.dtype != torch.bool:
+        valid = positives >= 0
+        if pool is Pool.each:
+            picked = logp.gather(1, positives.clamp(min=0)) * valid
+            return -picked.sum(1) / valid.sum(1).clamp(min=1)
+        rows = torch.arange(positives.shape[0], device=positives.device).unsqueeze(1).expand_as(positives)
+        mask = torch.zeros_like(logp, dtype=torch.bool)
+        mask[rows[valid], positives[valid]] = True  # (an index listed twice counts once)
+        positives = mask
+    if pool is Pool.each:
         return -(logp * positives).sum(1) / positives.sum(1).clamp(min=1)
-    valid = positives >= 0
-    picked = logp.gather(1, positives.clamp(min=0)) * valid
-    return -picked.sum(1) / valid.sum(1).clamp(min=1)
+    mass = torch.logsumexp(logp.masked_fill(~positives, float("-inf")), dim=1)
+    return torch.where(positives.any(dim=1), -mass, torch.zeros_like(mass))
 
 
 def _global_mean(per_sample: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
@@ -115,11 +138,12 @@ def neighbour_term(nn1: torch.Tensor, valid1: torch.Tensor, nn2: torch.Tensor, v
 
 
 def positives_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, positives: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
+                   temperature: float, pool: Pool = Pool.each) -> torch.Tensor:
     """Several positives per anchor among the global batch (indices [B, n], -1 = none, or a
-    bool mask [B, N]), for both views; anchors with none are left out of the mean."""
-    per_sample = 0.5 * (multi_positive_nce(z1, preds.p2, positives, temperature)
-                        + multi_positive_nce(z2, preds.p1, positives, temperature))
+    bool mask [B, N]), for both views, pooled as multi_positive_nce says; anchors with none are
+    left out of the mean."""
+    per_sample = 0.5 * (multi_positive_nce(z1, preds.p2, positives, temperature, pool)
+                        + multi_positive_nce(z2, preds.p1, positives, temperature, pool))
     has = positives.any(dim=1) if positives.dtype == torch.bool else (positives >= 0).any(dim=1)
     return _global_mean(per_sample, has)
 

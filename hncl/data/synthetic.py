@@ -30,7 +30,7 @@ stream, so "easy" renders the original faces bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -88,10 +88,15 @@ class Difficulty:
                 raise ValueError(f"{name} must be in [0, {1.0 if name != 'pose' else 0.8}], got {getattr(self, name)}")
 
 
+KNOBS = ("min_intensity", "personal_style", "asymmetry", "pose", "landmark_noise")
 DIFFICULTIES = {
     "easy": Difficulty(),
     "realistic": Difficulty(min_intensity=0.15, personal_style=0.35, asymmetry=0.3, pose=0.35, landmark_noise=0.025),
 }
+# realistic with one knob back at its easy value, e.g. "realistic-no-pose": what each knob costs
+# a method (benchmarks/demo_ablation.py --difficulty realistic-no-pose)
+DIFFICULTIES.update({f"realistic-no-{k.replace('_', '-')}": replace(DIFFICULTIES["realistic"], **{k: getattr(Difficulty(), k)})
+                     for k in KNOBS})
 
 
 def as_difficulty(value) -> Difficulty:

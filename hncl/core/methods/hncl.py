@@ -41,28 +41,42 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from hncl.core import dist as hdist
-from hncl.core.loss import Predictions, neighbour_term, positives_term, report, view_term
+from hncl.core.loss import Pool, Predictions, neighbour_term, positives_term, report, view_term
 from hncl.core.methods.base import QueueConfig, QueueMethod
 from hncl.core.topk import topk_stable
 
 
-@torch.no_grad()
-def batch_heatmap_neighbours(desc: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] global-batch indices of each local sample's n nearest heatmap descriptors among
-    all ranks' samples (itself excluded; -1 where the global batch is too small)."""
-    local = F.normalize(desc.float(), dim=1)
-    sizes = hdist.gather_sizes(desc.shape[0], desc.device)
-    desc_all = hdist.all_gather_rows(local, sizes)
-    offset = sum(sizes[: hdist.rank()])
-    sim = local @ desc_all.T
-    own = torch.arange(desc.shape[0], device=desc.device) + offset
-    sim[torch.arange(desc.shape[0], device=desc.device), own] = float("-inf")
-    m = min(n, desc_all.shape[0] - 1)
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """[Q, n] indices of each query's n most similar keys, query i being keys[offset + i] itself
+    (excluded); -1 where there are fewer than n others."""
+    sim = queries @ keys.T
+    own = torch.arange(queries.shape[0], device=queries.device) + offset
+    sim[torch.arange(queries.shape[0], device=queries.device), own] = float("-inf")
+    m = min(n, keys.shape[0] - 1)
     val, idx = topk_stable(sim, m) if m > 0 else (sim[:, :0], sim[:, :0].long())
     idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
     if m < n:
         idx = torch.cat([idx, idx.new_full((idx.shape[0], n - m), -1)], dim=1)
     return idx
+
+
+@torch.no_grad()
+def batch_heatmap_neighbours(desc: torch.Tensor, n: int, mutual: bool = False) -> torch.Tensor:
+    """[B, n] global-batch indices of each local sample's n nearest heatmap descriptors among
+    all ranks' samples (itself excluded; -1 where the global batch is too small). mutual: keep a
+    neighbour only if this sample is also among that neighbour's n nearest (-1 otherwise)."""
+    local = F.normalize(desc.float(), dim=1)
+    sizes = hdist.gather_sizes(desc.shape[0], desc.device)
+    desc_all = hdist.all_gather_rows(local, sizes)
+    offset = sum(sizes[: hdist.rank()])
+    if not mutual:
+        return _nearest(local, desc_all, offset, n)
+    # every sample's lists from the one gathered matrix, so both directions agree on every rank
+    everyone = _nearest(desc_all, desc_all, 0, n)
+    mine = everyone[offset: offset + desc.shape[0]]
+    own = torch.arange(desc.shape[0], device=desc.device) + offset
+    back = (everyone[mine.clamp(min=0)] == own.view(-1, 1, 1)).any(dim=2)  # am I in my neighbour's list?
+    return torch.where((mine >= 0) & back, mine, torch.full_like(mine, -1))
 
 
 @dataclass
@@ -73,6 +87,13 @@ class HNCLConfig(QueueConfig):
     batch_neighbours: int = 0
     # the in-batch heatmap neighbours are not negatives of the two-view term (false negatives)
     exclude_neighbours: bool = False
+    # keep an in-batch neighbour only if the anchor is among its batch_neighbours nearest too:
+    # fewer, surer positives when heatmap neighbours are noisy (#24)
+    mutual_neighbours: bool = False
+    # how the in-batch neighbours are pulled in: each (every one, the mean of their -log p) or any
+    # (MIL-NCE: the anchor has to match some of them, so neighbours of another expression, 65% of
+    # them on realistic faces, get little pull)
+    batch_pool: Pool = Pool.each
 
     @staticmethod
     def validate(me, check) -> None:
@@ -83,6 +104,10 @@ class HNCLConfig(QueueConfig):
         # without in-batch neighbours there is nothing to exclude: the setting would do nothing
         check(not me.exclude_neighbours or me.batch_neighbours >= 1, "method.exclude_neighbours", True,
               "needs method.batch_neighbours >= 1 (it keeps the in-batch neighbours out of the negatives)")
+        check(not me.mutual_neighbours or me.batch_neighbours >= 1, "method.mutual_neighbours", True,
+              "needs method.batch_neighbours >= 1 (it filters the in-batch neighbours)")
+        check(me.batch_pool is Pool.each or me.batch_neighbours >= 1, "method.batch_pool", me.batch_pool.value,
+              "needs method.batch_neighbours >= 1 (it pools the in-batch neighbours)")
 
 
 class HNCL(QueueMethod):
@@ -99,6 +124,8 @@ class HNCL(QueueMethod):
         self.nn_weight = float(cfg.method.nn_weight)
         self.batch_neighbours = int(cfg.method.batch_neighbours)
         self.exclude_neighbours = bool(cfg.method.exclude_neighbours)
+        self.mutual_neighbours = bool(cfg.method.mutual_neighbours)
+        self.batch_pool = Pool(cfg.method.batch_pool)
 
     def training_step(self, batch):
         z1, p1, z2, p2 = self.forward(batch)
@@ -109,7 +136,7 @@ class HNCL(QueueMethod):
         batch_pos = None
         if self.batch_neighbours:
             with record_function("hncl/batch_neighbours"):
-                batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours)
+                batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours, self.mutual_neighbours)
         with record_function("hncl/loss"):
             preds = Predictions.gather(p1, p2)
             excluded = batch_pos if self.exclude_neighbours else None  # not repelled as negatives
@@ -117,7 +144,7 @@ class HNCL(QueueMethod):
             terms["loss_nn"] = neighbour_term(n.embeddings, n.valid, n.embeddings, n.valid, preds, self.temperature)
             loss = terms["loss_view"] + self.nn_weight * terms["loss_nn"]
             if batch_pos is not None:
-                terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature)
+                terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature, self.batch_pool)
                 loss = loss + self.nn_weight * terms["loss_batch_nn"]
             terms["loss"] = loss
             metrics = report(terms)
