@@ -26,36 +26,39 @@ from hncl.data.synthetic import DIFFICULTIES
 from hncl.train.finetune import finetune_loop
 from hncl.train.launch import launch, pretrain
 
+# HNCL as the demo ran it before #24 (every in-batch neighbour pulled in): the variants below
+# were measured against it
+EACH = {**METHODS["hncl"], "method.batch_pool": "each"}
 VARIANTS = {
     "random": None,  # no pretraining: the floor every method must clear
     "baseline": METHODS["baseline"],
-    "hncl": METHODS["hncl"],
-    "hncl_queue_only": {**METHODS["hncl"], "method.batch_neighbours": 0},  # the design's HNCL
+    "hncl": METHODS["hncl"],  # the demo's: in-batch neighbours pooled "any" (#24)
+    "hncl_each": EACH,
+    "hncl_queue_only": {**EACH, "method.batch_neighbours": 0},  # the design's HNCL
     "nnclr": METHODS["nnclr"],
-    "hncl_queue_only_lambda05": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.nn_weight": 0.5},
-    "hncl_queue_only_top5": {**METHODS["hncl"], "method.batch_neighbours": 0, "method.topk": 5},
-    "hncl_batch10": {**METHODS["hncl"], "method.batch_neighbours": 10},
-    "hncl_tau01": {**METHODS["hncl"], "method.temperature": 0.1},
+    "hncl_queue_only_lambda05": {**EACH, "method.batch_neighbours": 0, "method.nn_weight": 0.5},
+    "hncl_queue_only_top5": {**EACH, "method.batch_neighbours": 0, "method.topk": 5},
+    "hncl_batch10": {**EACH, "method.batch_neighbours": 10},
+    "hncl_tau01": {**EACH, "method.temperature": 0.1},
     "baseline_tau01": {**METHODS["baseline"], "method.temperature": 0.1},  # the baselines get the same care
     "nnclr_tau01": {**METHODS["nnclr"], "method.temperature": 0.1},
     "nnclr_top5": {**METHODS["nnclr"], "method.topk": 5},
     # issue #17: false negatives, more in-batch positives
-    "hncl_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
-    "hncl_batch10_exclude": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.exclude_neighbours": True},
+    "hncl_exclude": {**EACH, "method.exclude_neighbours": True},
+    "hncl_batch10_exclude": {**EACH, "method.batch_neighbours": 10, "method.exclude_neighbours": True},
     # issue #24: noisy heatmap neighbours (realistic faces): fewer or surer in-batch positives
-    "hncl_batch1": {**METHODS["hncl"], "method.batch_neighbours": 1},
-    "hncl_batch2": {**METHODS["hncl"], "method.batch_neighbours": 2},
-    "hncl_top5": {**METHODS["hncl"], "method.topk": 5},  # five queue neighbours: their noise averages out
-    "hncl_any": {**METHODS["hncl"], "method.batch_pool": "any"},  # MIL-NCE over the in-batch neighbours
-    "hncl_batch10_any": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.batch_pool": "any"},
-    "hncl_mutual": {**METHODS["hncl"], "method.mutual_neighbours": True},
-    "hncl_batch10_mutual": {**METHODS["hncl"], "method.batch_neighbours": 10, "method.mutual_neighbours": True},
+    "hncl_batch1": {**EACH, "method.batch_neighbours": 1},
+    "hncl_batch2": {**EACH, "method.batch_neighbours": 2},
+    "hncl_top5": {**EACH, "method.topk": 5},  # five queue neighbours: their noise averages out
+    "hncl_batch10_any": {**EACH, "method.batch_neighbours": 10, "method.batch_pool": "any"},
+    "hncl_mutual": {**EACH, "method.mutual_neighbours": True},
+    "hncl_batch10_mutual": {**EACH, "method.batch_neighbours": 10, "method.mutual_neighbours": True},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
-    "hncl_lambda2": {**METHODS["hncl"], "method.nn_weight": 2.0},
-    "hncl_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
+    "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
+    "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},
     # colour is an identity cue (skin, hair, background): views that vary it, for every method
     "baseline_colour": {**METHODS["baseline"], "data.colour": 0.8, "data.grayscale": 0.5},
-    "hncl_colour": {**METHODS["hncl"], "data.colour": 0.8, "data.grayscale": 0.5},
+    "hncl_colour": {**EACH, "data.colour": 0.8, "data.grayscale": 0.5},
     "nnclr_colour": {**METHODS["nnclr"], "data.colour": 0.8, "data.grayscale": 0.5},
 }
 
