@@ -5,12 +5,12 @@ settings needs only HNCL's runs again (other methods' numbers move only by run-t
 --control): this script pretrains HNCL with the demo's settings (hncl/commands/demo.py METHODS["hncl"], or a variant of
 benchmarks/demo_ablation.py chosen on validation identities), probes it on each seed's test
 identities, and sets it beside the baseline, NNCLR and random-init numbers kept in
-docs/demo_runs_realistic.json (what `hncl demo --seeds 0-9` wrote). `--control hncl` re-runs
-the kept HNCL setting on the first seed: how far a re-run lands from the kept number (the same
+docs/demo_runs_realistic.json (what `hncl demo --seeds 0-9` wrote). `--control hncl_each` re-runs
+the kept HNCL setting (in-batch neighbours pooled "each", the demo's before #24) on the first seed: how far a re-run lands from the kept number (the same
 faces and sample order, but Ray's 2-worker training is not bit-repeatable across sessions: seed 0
 gave 0.326 / kNN 0.286 against the kept 0.323 / 0.249).
 
-    python benchmarks/demo_seeds_hncl.py --seeds 0-9 [--variant hncl_mutual] [--control hncl]
+    python benchmarks/demo_seeds_hncl.py --seeds 0-9 [--variant hncl] [--control hncl_each]
 
 Writes benchmarks/results/demo_seeds_hncl.json and prints a per-seed table. `hncl demo --seeds 0-9`
 (all methods, about 9 minutes a seed) re-runs everything, once the variant is the demo's.

@@ -7,7 +7,9 @@ expression lives and identity, lighting and pose mostly do not.
     nb       = each face's n heatmap-nearest faces within the global batch (method.batch_neighbours)
     loss     = 1/2 [NCE(z1, p2) + NCE(z2, p1)]                         (the two views)
              + lambda 1/2 [NCE(nn, p2) + NCE(nn, p1)]                   (queue neighbours)
-             + lambda 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]           (in-batch neighbours)
+             + lambda 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]           (in-batch neighbours, each
+                                                                        pulled in, or any of them:
+                                                                        method.batch_pool)
     queue.enqueue(h, z1)
 
 One heatmap per image: both views share its neighbours. The in-batch term is the project's
