@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import socket
+import sys
 import tempfile
 from typing import Any, Callable, List, Tuple
 
@@ -150,11 +152,19 @@ def _spawn_entry(rank_: int, world: int, port: int, threads: int, out_dir: str, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank_), OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)
+    faulthandler.enable()  # a C++ abort (gloo, DeepSpeed ops) prints the Python stack that led to it
     dist.init_process_group("gloo", rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         torch.save(fn(*args), os.path.join(out_dir, f"result_{rank_}.pt"))
+        dist.barrier()  # rank 0 hosts the store: it must not tear it down while another rank still uses it
     finally:
         dist.destroy_process_group()
+    # The result is on disk and the group closed: skip the interpreter's teardown, where a library's
+    # static C++ thread objects have aborted a finished rank ("terminate called without an active
+    # exception", seen once in CI with DeepSpeed on gloo).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_gloo(fn: Callable, world: int, *args: Any, threads: int = 1) -> List[Any]:
