@@ -11,7 +11,7 @@ from hncl.commands.demo import RANDOM, parse_seeds
 
 
 def test_seeds_never_mix_kept_runs_of_other_settings(tmp_path):
-    """A kept seed_S/report.json made at another difficulty (or size, or steps) is refused in one
+    """A kept seed_S/report.json made at another difficulty (or size, steps, one process or Ray) is refused in one
     line before anything runs: a summary over mixed settings would be a wrong claim."""
     from hncl.commands.demo import SIZES, run_seeds
     from hncl.errors import InputError
@@ -24,6 +24,9 @@ def test_seeds_never_mix_kept_runs_of_other_settings(tmp_path):
         run_seeds(str(tmp_path), [0, 1], quick=True, steps=4, identities=(6, 4))
     with pytest.raises(InputError, match=r"steps 4 \(now 5\)"):
         run_seeds(str(tmp_path), [0, 1], quick=True, steps=5, identities=(6, 4), difficulty="easy")
+    # a one-process run is not a Ray run: the same seed gives other numbers
+    with pytest.raises(InputError, match=r"debug False \(now True\)"):
+        run_seeds(str(tmp_path), [0, 1], quick=True, steps=4, identities=(6, 4), difficulty="easy", debug=True)
     assert not (tmp_path / "seed_1").exists()
 
 

@@ -182,15 +182,18 @@ def run_seeds(out: str, seeds: List[int], log=print, **kwargs) -> Dict:
     runs = {}
     quick = kwargs.get("quick", False)
     size = SIZES["quick" if quick else "default"]
+    # one process (--debug) and Ray's 2 workers give other numbers for the same seed (per-rank
+    # BatchNorm, the stream's split): kept runs of the other kind are refused too
     wanted = {"difficulty": kwargs.get("difficulty", DIFFICULTY), "quick": quick, "steps": kwargs.get("steps") or size[3],
-              "train_faces": (kwargs.get("identities") or size)[0] * size[2]}
+              "train_faces": (kwargs.get("identities") or size)[0] * size[2], "debug": bool(kwargs.get("debug", False))}
     for seed in seeds:
         folder = os.path.join(out, f"seed_{seed}")
         report = os.path.join(folder, "report.json")
         if os.path.exists(report):
             with open(report) as f:
                 kept = json.load(f).get("_run", {})
-            made = {**{k: kept.get(k) for k in wanted}, "difficulty": kept.get("difficulty", "easy")}
+            made = {**{k: kept.get(k) for k in wanted}, "difficulty": kept.get("difficulty", "easy"),
+                    "debug": bool(kept.get("debug", False))}
             if made != wanted:  # a summary must not mix runs of other settings
                 differ = ", ".join(f"{k} {made[k]} (now {wanted[k]})" for k in wanted if made[k] != wanted[k])
                 raise InputError(f"{report} was made with {differ}: use another --out, or remove {folder}")
