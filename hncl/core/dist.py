@@ -123,11 +123,12 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[rank()]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """All-gather along dim 0, differentiable. Returns (gathered, offset of our rows)."""
+def all_gather_with_grad(x: torch.Tensor, sizes: Tuple[int, ...] | None = None) -> Tuple[torch.Tensor, int]:
+    """All-gather along dim 0, differentiable. Returns (gathered, offset of our rows). sizes:
+    every rank's row count when the caller knows it (saves one collective)."""
     if not is_distributed():
         return x, 0
-    sizes = tuple(gather_sizes(x.shape[0], x.device))
+    sizes = tuple(sizes) if sizes is not None else tuple(gather_sizes(x.shape[0], x.device))
     return _GatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
 
 

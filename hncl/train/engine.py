@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from hncl.config import Dtype, Strategy
 from hncl.core import dist as hdist
+from hncl.core.global_bn import convert_global_batchnorm
 from hncl.errors import UserError
 from hncl.infra import storage
 from hncl.train import zero_state
@@ -91,9 +92,14 @@ def deepspeed_config(dist_cfg, batch_size: int, grad_clip: Optional[float]) -> d
 
 
 def prepare_model(model: torch.nn.Module, dist_cfg, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
-    """SyncBatchNorm where asked (DDP over several ranks), on the device, channels_last on GPU."""
+    """Global-batch BatchNorm where asked (DDP over several ranks: torch's SyncBatchNorm on CUDA,
+    GlobalBatchNorm elsewhere, since torch's refuses CPU tensors), on the device, channels_last
+    on GPU."""
     if sync_bn and hdist.world_size() > 1 and Strategy(dist_cfg.strategy) is Strategy.ddp:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_global_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
