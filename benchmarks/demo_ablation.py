@@ -5,7 +5,7 @@ synthetic people drawn from another seed's stream (disjoint from both train and 
 Each variant is pretrained in one process with the demo's budget and linear-probed / kNN'ed.
 
     python benchmarks/demo_ablation.py [--steps 150] [--variants hncl baseline hncl_lambda05 ...]
-        [--difficulty realistic | easy]
+        [--difficulty realistic | easy] [--ray]
 
 The faces are the demo's (realistic) unless --difficulty says otherwise (hncl/data/synthetic.py,
 DIFFICULTIES). Writes benchmarks/results/demo_ablation.json, one entry per (difficulty, seed, steps).
@@ -53,6 +53,16 @@ VARIANTS = {
     "hncl_batch10_any": {**EACH, "method.batch_neighbours": 10, "method.batch_pool": "any"},
     "hncl_mutual": {**EACH, "method.mutual_neighbours": True},
     "hncl_batch10_mutual": {**EACH, "method.batch_neighbours": 10, "method.mutual_neighbours": True},
+    # on top of the demo's "any" pooling (#24, second round): more weight on the neighbours,
+    # fewer of them, or kept out of the negatives
+    "hncl_any_lambda2": {**METHODS["hncl"], "method.nn_weight": 2.0},
+    "hncl_any_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
+    "hncl_any_batch3": {**METHODS["hncl"], "method.batch_neighbours": 3},
+    "hncl_any_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
+    # BatchNorm over the global batch (model.sync_bn): per-rank statistics mark each embedding
+    # with its rank, which the loss can use against positives from the other rank (--ray only)
+    "hncl_sync_bn": {**METHODS["hncl"], "model.sync_bn": True},
+    "baseline_sync_bn": {**METHODS["baseline"], "model.sync_bn": True},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},
@@ -70,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--difficulty", default=DIFFICULTY, choices=list(DIFFICULTIES), help="the faces (default %(default)s)")
+    ap.add_argument("--ray", action="store_true", help="pretrain as the demo does (Ray, 2 workers), not in one process")
     args = ap.parse_args()
     out = args.out = os.path.join(args.out, args.difficulty)
     train = _shards(out, "train", 200, 14, args.seed, args.difficulty, print)
@@ -81,10 +92,14 @@ def main() -> None:
             runs = json.load(f)
         if "results" in runs:  # the file's layout before #24: one (seed, steps) on the easy faces
             runs = {f"easy seed={runs['seed']} steps={runs['steps']}": runs["results"]}
-    key = f"{args.difficulty} seed={args.seed} steps={args.steps}"
+    key = f"{args.difficulty} seed={args.seed} steps={args.steps}" + (" ray" if args.ray else "")
+    if args.ray:
+        from hncl.infra.raycluster import connect_ray
+
+        print(f"Ray: {connect_ray(num_cpus=2)}", flush=True)
     results = runs.setdefault(key, {})
     for name in args.variants:
-        run = os.path.join(args.out, "runs", name)
+        run = os.path.join(args.out, "runs" + ("_ray" if args.ray else ""), name)
         init = os.path.join(run, "encoder.safetensors") if VARIANTS[name] is not None else "none"
         seconds = 0.0
         if VARIANTS[name] is not None:
@@ -92,7 +107,7 @@ def main() -> None:
             seconds = _pretrain(args, name, train)
         cfg = load_config(CONFIG, [f"finetune.train_shards={train}", f"finetune.test_shards={val}",
                                    f"finetune.init={init}",
-                                   f"run.output_dir={os.path.join(out, 'probe')}", f"run.name={name}"])
+                                   f"run.output_dir={os.path.join(out, 'probe' + ('_ray' if args.ray else ''))}", f"run.name={name}"])
         rep = launch(cfg, finetune_loop, debug=True)
         results[name] = {"val_linear_acc": rep["accuracy"], "val_knn_acc": rep["knn"]["accuracy"],
                          "seconds": round(seconds, 1)}
@@ -104,11 +119,12 @@ def main() -> None:
 
 
 def _pretrain(args, name: str, train: str) -> float:
-    over = {"data.train_shards": train, "run.output_dir": os.path.join(args.out, "runs"), "run.name": name,
-            "run.seed": args.seed, "data.steps_per_epoch": args.steps, "dist.num_workers": 1,
-            "data.batch_size": 128, **VARIANTS[name]}
+    workers = 2 if args.ray else 1
+    over = {"data.train_shards": train, "run.output_dir": os.path.join(args.out, "runs" + ("_ray" if args.ray else "")),
+            "run.name": name, "run.seed": args.seed, "data.steps_per_epoch": args.steps,
+            "dist.num_workers": workers, "data.batch_size": 128 // workers, **VARIANTS[name]}
     t0 = time.time()
-    pretrain(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]), debug=True)
+    pretrain(load_config(CONFIG, [f"{k}={v}" for k, v in over.items()]), debug=not args.ray)
     return time.time() - t0
 
 
