@@ -63,6 +63,10 @@ VARIANTS = {
     # with its rank, which the loss can use against positives from the other rank (--ray only)
     "hncl_sync_bn": {**METHODS["hncl"], "model.sync_bn": True},
     "baseline_sync_bn": {**METHODS["baseline"], "model.sync_bn": True},
+    # the whole span shuffled (blocks of 1000 hold ~71 of the identity-ordered training people, so
+    # one process's batches have twice the same-person pairs of a 2-worker global batch)
+    "hncl_shuffle_all": {**METHODS["hncl"], "data.shuffle_buffer": 2800},
+    "baseline_shuffle_all": {**METHODS["baseline"], "data.shuffle_buffer": 2800},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},

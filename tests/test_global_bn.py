@@ -89,15 +89,17 @@ def _ddp_step_with_engine_sync_bn():
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     # each rank's loss is its share: their mean over ranks is the one-process loss (DDP averages)
-    (ddp(x[rows]) * w[rows]).sum().mul(dist.get_world_size() / len(x)).backward()
+    (ddp(x[rows]) * w[rows, :5, 0, 0]).sum().mul(dist.get_world_size() / len(x)).backward()
     opt.step()
     return kinds, [p.detach().clone() for p in model.parameters()]
 
 
 def _small_model():
     torch.manual_seed(0)
+    # a conv stage and a projector-like head: BatchNorm2d and BatchNorm1d both converted
     return torch.nn.Sequential(torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
-                               torch.nn.Conv2d(6, 6, 1))
+                               torch.nn.Conv2d(6, 6, 1), torch.nn.Flatten(), torch.nn.Linear(96, 5),
+                               torch.nn.BatchNorm1d(5))
 
 
 def test_engine_sync_bn_on_cpu_ranks_trains_like_one_process(run_distributed):
@@ -106,9 +108,9 @@ def test_engine_sync_bn_on_cpu_ranks_trains_like_one_process(run_distributed):
     x, w = _batch()
     ref = _small_model()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    (ref(x) * w).sum().div(len(x)).backward()
+    (ref(x) * w[:, :5, 0, 0]).sum().div(len(x)).backward()
     opt.step()
     for kinds, params in run_distributed(_ddp_step_with_engine_sync_bn, 2):
-        assert "GlobalBatchNorm" in kinds and "BatchNorm2d" not in kinds
+        assert "GlobalBatchNorm" in kinds and not kinds & {"BatchNorm1d", "BatchNorm2d", "SyncBatchNorm"}
         for p, q in zip(params, ref.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
