@@ -67,6 +67,9 @@ VARIANTS = {
     # one process's batches have twice the same-person pairs of a 2-worker global batch)
     "hncl_shuffle_all": {**METHODS["hncl"], "data.shuffle_buffer": 2800},
     "baseline_shuffle_all": {**METHODS["baseline"], "data.shuffle_buffer": 2800},
+    # smaller blocks: a 2-worker global batch with the same-person density of one process's
+    "hncl_block500": {**METHODS["hncl"], "data.shuffle_buffer": 500},
+    "baseline_block500": {**METHODS["baseline"], "data.shuffle_buffer": 500},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},
