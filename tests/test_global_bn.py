@@ -2,6 +2,7 @@
 one process's BatchNorm gives on the whole batch: outputs, input and parameter gradients,
 running statistics."""
 
+import pytest
 import torch
 
 from hncl.core.global_bn import GlobalBatchNorm, convert_global_batchnorm
@@ -16,8 +17,8 @@ def _batch():
     return x, w
 
 
-def _reference_bn():
-    bn = torch.nn.BatchNorm2d(6, momentum=0.3)
+def _reference_bn(momentum=0.3):
+    bn = torch.nn.BatchNorm2d(6, momentum=momentum)
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 2.0, 6))
         bn.bias.copy_(torch.linspace(-1.0, 1.0, 6))
@@ -37,21 +38,23 @@ def _steps(bn, x, w, steps=2):
     return grads, bn.running_mean.clone(), bn.running_var.clone(), bn(x.detach()), int(bn.num_batches_tracked)
 
 
-def _on_rank():
+def _on_rank(sizes, momentum):
     import torch.distributed as dist
 
     x, w = _batch()
-    start = sum(SIZES[: dist.get_rank()])
-    rows = slice(start, start + SIZES[dist.get_rank()])
-    bn = convert_global_batchnorm(torch.nn.Sequential(_reference_bn()))[0]
+    start = sum(sizes[: dist.get_rank()])
+    rows = slice(start, start + sizes[dist.get_rank()])
+    bn = convert_global_batchnorm(torch.nn.Sequential(_reference_bn(momentum)))[0]
     assert isinstance(bn, GlobalBatchNorm)
     return _steps(bn, x[rows], w[rows])
 
 
-def test_two_ranks_equal_one_process_batchnorm(run_distributed):
+# uneven ranks; and a rank whose share is empty, with momentum None (a cumulative average)
+@pytest.mark.parametrize("sizes,momentum", [(SIZES, 0.3), ((0, sum(SIZES)), None)])
+def test_two_ranks_equal_one_process_batchnorm(run_distributed, sizes, momentum):
     x, w = _batch()
-    ref_grads, ref_mean, ref_var, ref_eval, ref_tracked = _steps(_reference_bn(), x, w)
-    parts = run_distributed(_on_rank, 2)
+    ref_grads, ref_mean, ref_var, ref_eval, ref_tracked = _steps(_reference_bn(momentum), x, w)
+    parts = run_distributed(_on_rank, 2, sizes, momentum)
     for step, (y, gx, gw, gb) in enumerate(ref_grads):
         ys = [p[0][step] for p in parts]
         torch.testing.assert_close(torch.cat([t[0] for t in ys]), y, rtol=1e-5, atol=1e-5)
