@@ -70,6 +70,12 @@ VARIANTS = {
     # smaller blocks: a 2-worker global batch with the same-person density of one process's
     "hncl_block500": {**METHODS["hncl"], "data.shuffle_buffer": 500},
     "baseline_block500": {**METHODS["baseline"], "data.shuffle_buffer": 500},
+    # (#24, third round) the in-batch neighbour term without the anchor's own view in its softmax
+    "hncl_noself": {**METHODS["hncl"], "method.batch_without_own_view": True},
+    "hncl_soft": {**METHODS["hncl"], "method.batch_weight_temperature": 0.05},
+    "hncl_soft_noself": {**METHODS["hncl"], "method.batch_weight_temperature": 0.05, "method.batch_without_own_view": True},
+    "hncl_relational": {**METHODS["hncl"], "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05, "method.batch_pool": "each"},
+    "hncl_relational_noself": {**METHODS["hncl"], "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05, "method.batch_pool": "each", "method.batch_without_own_view": True},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},

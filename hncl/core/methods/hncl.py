@@ -96,6 +96,11 @@ class HNCLConfig(QueueConfig):
     # (MIL-NCE: the anchor has to match some of them, so neighbours of another expression, 65% of
     # them on realistic faces, get little pull)
     batch_pool: Pool = Pool.each
+    # the in-batch neighbour term's softmax leaves out the anchor's own other view: a neighbour is
+    # then pulled in against the other faces only, not against the two-view term's positive
+    batch_without_own_view: bool = False
+    # > 0: the in-batch neighbours weighted by softmax(heatmap cosine / this) instead of equally
+    batch_weight_temperature: float = 0.0
 
     @staticmethod
     def validate(me, check) -> None:
@@ -128,6 +133,8 @@ class HNCL(QueueMethod):
         self.exclude_neighbours = bool(cfg.method.exclude_neighbours)
         self.mutual_neighbours = bool(cfg.method.mutual_neighbours)
         self.batch_pool = Pool(cfg.method.batch_pool)
+        self.batch_without_own_view = bool(cfg.method.batch_without_own_view)
+        self.batch_weight_temperature = float(cfg.method.batch_weight_temperature)
 
     def training_step(self, batch):
         z1, p1, z2, p2 = self.forward(batch)
@@ -139,6 +146,12 @@ class HNCL(QueueMethod):
         if self.batch_neighbours:
             with record_function("hncl/batch_neighbours"):
                 batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours, self.mutual_neighbours)
+                weights = None
+                if self.batch_weight_temperature > 0:
+                    local = F.normalize(desc.float(), dim=1)
+                    sim = (local @ hdist.all_gather_rows(local).T).gather(1, batch_pos.clamp(min=0))
+                    weights = torch.softmax((sim / self.batch_weight_temperature).masked_fill(batch_pos < 0, float("-inf")), 1)
+                    weights = torch.nan_to_num(weights)
         with record_function("hncl/loss"):
             preds = Predictions.gather(p1, p2)
             excluded = batch_pos if self.exclude_neighbours else None  # not repelled as negatives
@@ -146,7 +159,8 @@ class HNCL(QueueMethod):
             terms["loss_nn"] = neighbour_term(n.embeddings, n.valid, n.embeddings, n.valid, preds, self.temperature)
             loss = terms["loss_view"] + self.nn_weight * terms["loss_nn"]
             if batch_pos is not None:
-                terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature, self.batch_pool)
+                terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature, self.batch_pool,
+                                                             self.batch_without_own_view, weights)
                 loss = loss + self.nn_weight * terms["loss_batch_nn"]
             terms["loss"] = loss
             metrics = report(terms)
