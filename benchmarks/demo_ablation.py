@@ -20,19 +20,23 @@ import shutil
 import time
 
 
-from hncl.commands.demo import CONFIG, DIFFICULTY, METHODS, _shards, _training_purity
+from hncl.commands.demo import CONFIG, DIFFICULTY, METHODS, QUEUE, _shards, _training_purity
 from hncl.config import load_config
 from hncl.data.synthetic import DIFFICULTIES
 from hncl.train.finetune import finetune_loop
 from hncl.train.launch import launch, pretrain
 
-# HNCL as the demo ran it before #24 (every in-batch neighbour pulled in): the variants below
-# were measured against it
-EACH = {**METHODS["hncl"], "method.batch_pool": "each"}
+# HNCL as the demo ran it in #24's first two rounds: the 5 heatmap-nearest faces of the batch,
+# pooled "any" (MIL-NCE); the second round's variants were measured on top of it
+ANY = {"method.name": "hncl", **QUEUE, "method.batch_neighbours": 5, "method.batch_pool": "any"}
+# HNCL as the demo ran it before #24 (every in-batch neighbour pulled in): the first round's
+# variants were measured against it
+EACH = {**ANY, "method.batch_pool": "each"}
 VARIANTS = {
     "random": None,  # no pretraining: the floor every method must clear
     "baseline": METHODS["baseline"],
-    "hncl": METHODS["hncl"],  # the demo's: in-batch neighbours pooled "any" (#24)
+    "hncl": METHODS["hncl"],  # the demo's: every face of the batch weighted by heatmap similarity (#24)
+    "hncl_any": ANY,
     "hncl_each": EACH,
     "hncl_queue_only": {**EACH, "method.batch_neighbours": 0},  # the design's HNCL
     "nnclr": METHODS["nnclr"],
@@ -55,27 +59,27 @@ VARIANTS = {
     "hncl_batch10_mutual": {**EACH, "method.batch_neighbours": 10, "method.mutual_neighbours": True},
     # on top of the demo's "any" pooling (#24, second round): more weight on the neighbours,
     # fewer of them, or kept out of the negatives
-    "hncl_any_lambda2": {**METHODS["hncl"], "method.nn_weight": 2.0},
-    "hncl_any_lambda05": {**METHODS["hncl"], "method.nn_weight": 0.5},
-    "hncl_any_batch3": {**METHODS["hncl"], "method.batch_neighbours": 3},
-    "hncl_any_exclude": {**METHODS["hncl"], "method.exclude_neighbours": True},
+    "hncl_any_lambda2": {**ANY, "method.nn_weight": 2.0},
+    "hncl_any_lambda05": {**ANY, "method.nn_weight": 0.5},
+    "hncl_any_batch3": {**ANY, "method.batch_neighbours": 3},
+    "hncl_any_exclude": {**ANY, "method.exclude_neighbours": True},
     # BatchNorm over the global batch (model.sync_bn): per-rank statistics mark each embedding
     # with its rank, which the loss can use against positives from the other rank (--ray only)
-    "hncl_sync_bn": {**METHODS["hncl"], "model.sync_bn": True},
+    "hncl_sync_bn": {**ANY, "model.sync_bn": True},
     "baseline_sync_bn": {**METHODS["baseline"], "model.sync_bn": True},
     # the whole span shuffled (blocks of 1000 hold ~71 of the identity-ordered training people, so
     # one process's batches have twice the same-person pairs of a 2-worker global batch)
-    "hncl_shuffle_all": {**METHODS["hncl"], "data.shuffle_buffer": 2800},
+    "hncl_shuffle_all": {**ANY, "data.shuffle_buffer": 2800},
     "baseline_shuffle_all": {**METHODS["baseline"], "data.shuffle_buffer": 2800},
     # smaller blocks: a 2-worker global batch with the same-person density of one process's
-    "hncl_block500": {**METHODS["hncl"], "data.shuffle_buffer": 500},
+    "hncl_block500": {**ANY, "data.shuffle_buffer": 500},
     "baseline_block500": {**METHODS["baseline"], "data.shuffle_buffer": 500},
-    # (#24, third round) the in-batch neighbour term without the anchor's own view in its softmax
-    "hncl_noself": {**METHODS["hncl"], "method.batch_without_own_view": True},
-    "hncl_soft": {**METHODS["hncl"], "method.batch_weight_temperature": 0.05},
-    "hncl_soft_noself": {**METHODS["hncl"], "method.batch_weight_temperature": 0.05, "method.batch_without_own_view": True},
-    "hncl_relational": {**METHODS["hncl"], "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05, "method.batch_pool": "each"},
-    "hncl_relational_noself": {**METHODS["hncl"], "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05, "method.batch_pool": "each", "method.batch_without_own_view": True},
+    # (#24, third round) the in-batch neighbours weighted by softmax(heatmap cosine / 0.05):
+    # the 5 nearest pooled "any" (a mixture), or every other face of the global batch of 128
+    # pooled "each" (a cross-entropy against the heatmaps' similarity: the demo's since)
+    "hncl_soft": {**ANY, "method.batch_weight_temperature": 0.05},
+    "hncl_relational": {**ANY, "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05,
+                        "method.batch_pool": "each"},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},

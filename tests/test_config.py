@@ -95,6 +95,8 @@ BAD_SETTINGS = [
     (["method.batch_neighbours=0", "method.exclude_neighbours=true"], "method.exclude_neighbours"),
     (["method.batch_neighbours=0", "method.mutual_neighbours=true"], "method.mutual_neighbours"),
     (["method.batch_neighbours=0", "method.batch_pool=any"], "method.batch_pool"),
+    (["method.batch_neighbours=5", "method.batch_weight_temperature=-0.1"], "method.batch_weight_temperature"),
+    (["method.batch_neighbours=0", "method.batch_weight_temperature=0.05"], "method.batch_weight_temperature"),
     (["descriptor.dim=0"], "descriptor.dim"),
     # derived values that used to be cut silently: now refused
     (["method.batch_neighbours=500"], "method.batch_neighbours"),  # global batch 32

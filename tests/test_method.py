@@ -149,6 +149,36 @@ def test_multi_positive_nce_matches_a_hand_written_reference():
     assert any_[0] < got[0] and torch.allclose(any_[1:], got[1:])
 
 
+
+def test_weighted_positives_are_a_soft_target_or_a_mixture():
+    """weights: "each" = cross-entropy against the weights, "any" = -log sum_j w_j p_j, written
+    out by hand; equal weights give the unweighted "each" exactly and "any" plus log(n)."""
+    gen = torch.Generator().manual_seed(8)
+    anchors, cands = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen,
+                                                                                      dtype=torch.float64)
+    positives = torch.tensor([[1, 4, 2], [0, -1, 5], [-1, -1, -1]])
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.0, 0.75], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    a, c = F.normalize(anchors, dim=1), F.normalize(cands, dim=1)
+    p = torch.softmax(a @ c.T / TAU, dim=1)
+    want_each = [-sum(w * torch.log(p[i, j]) for j, w in zip(pos, ws) if j >= 0)
+                 for i, (pos, ws) in enumerate(zip(positives.tolist(), weights.tolist()))]
+    want_any = [-torch.log(sum(w * p[i, j] for j, w in zip(pos, ws) if j >= 0)) if i < 2 else torch.tensor(0.0)
+                for i, (pos, ws) in enumerate(zip(positives.tolist(), weights.tolist()))]
+    got_each = multi_positive_nce(anchors, cands, positives, TAU, "each", weights)
+    got_any = multi_positive_nce(anchors, cands, positives, TAU, "any", weights)
+    assert torch.allclose(got_each, torch.stack([torch.as_tensor(w, dtype=torch.float64) for w in want_each]), atol=1e-12)
+    assert torch.allclose(got_any, torch.stack([torch.as_tensor(w, dtype=torch.float64) for w in want_any]), atol=1e-12)
+    valid = positives >= 0
+    equal = valid / valid.sum(1, keepdim=True).clamp(min=1)
+    assert torch.allclose(multi_positive_nce(anchors, cands, positives, TAU, "each", equal),
+                          multi_positive_nce(anchors, cands, positives, TAU, "each"), atol=1e-12)
+    log_n = torch.log(valid.sum(1).clamp(min=1).double())
+    assert torch.allclose(multi_positive_nce(anchors, cands, positives, TAU, "any", equal),
+                          multi_positive_nce(anchors, cands, positives, TAU, "any") + log_n * valid.any(1), atol=1e-12)
+    with pytest.raises(ValueError, match="indices"):
+        multi_positive_nce(anchors, cands, valid.new_ones(3, 6), TAU, "each", weights)
+
+
 def test_batch_heatmap_neighbours_brute_force_and_small_batches():
     gen = torch.Generator().manual_seed(5)
     desc = torch.randn(9, 6, generator=gen)
@@ -163,6 +193,14 @@ def test_batch_heatmap_neighbours_brute_force_and_small_batches():
     assert batch_heatmap_neighbours(desc[:2], 3).tolist() == [[1, -1, -1], [0, -1, -1]]
     assert batch_heatmap_neighbours(desc[:2], 3, mutual=True).tolist() == [[1, -1, -1], [0, -1, -1]]
     assert batch_heatmap_neighbours(desc[:1], 2).tolist() == [[-1, -1]]
+    # with their cosines, -inf where there is no neighbour (also where mutual dropped one)
+    idx, cos = batch_heatmap_neighbours(desc, 3, with_similarity=True)
+    assert torch.equal(idx, got) and torch.allclose(cos, sim.gather(1, got))
+    idx, cos = batch_heatmap_neighbours(desc, 3, mutual=True, with_similarity=True)
+    assert torch.equal(idx, mutual) and torch.equal(torch.isinf(cos), mutual < 0)
+    assert torch.allclose(cos[mutual >= 0], sim.gather(1, got)[mutual >= 0])
+    idx, cos = batch_heatmap_neighbours(desc[:2], 3, with_similarity=True)
+    assert idx.tolist() == [[1, -1, -1], [0, -1, -1]] and torch.isinf(cos[:, 1:]).all() and torch.isfinite(cos[:, 0]).all()
 
 
 def _batch_neighbours_on_ranks(desc):
@@ -203,6 +241,23 @@ def test_batch_neighbour_positives_are_in_the_loss_and_report_their_purity():
     pos = batch_heatmap_neighbours(batch["desc"], 2, mutual=True)
     want = 0.5 * (multi_positive_nce(z1, p2, pos, TAU, "any") + multi_positive_nce(z2, p1, pos, TAU, "any"))
     assert m["loss_batch_nn"] == pytest.approx(float(want[(pos >= 0).any(1)].mean()), rel=1e-5)
+    # soft positives: every other face of the batch, weighted by softmax(heatmap cosine / T)
+    cfg = method_cfg("hncl", **{"method.queue_size": 8, "descriptor.dim": 2, "method.batch_neighbours": 3,
+                                "method.batch_weight_temperature": 0.1})
+    _, m = HNCL(cfg, model).training_step(batch)
+    d = F.normalize(batch["desc"], dim=1)
+    cos = d @ d.T
+    others = torch.tensor([[j for j in range(4) if j != i] for i in range(4)])
+    w = torch.softmax(cos.gather(1, others) / 0.1, dim=1)
+    want = 0.5 * (multi_positive_nce(z1, p2, others, TAU, "each", w) + multi_positive_nce(z2, p1, others, TAU, "each", w))
+    assert m["loss_batch_nn"] == pytest.approx(float(want.mean()), rel=1e-5)
+    same = (batch["label"][others] == batch["label"].view(-1, 1)).float()
+    assert m["batch_nn_purity"] == pytest.approx(float((w * same).sum() / 4), rel=1e-5)  # weighted purity
+    # with one neighbour per anchor its weight is 1: the unweighted term exactly
+    one = {"method.queue_size": 8, "descriptor.dim": 2, "method.batch_neighbours": 1}
+    _, soft = HNCL(method_cfg("hncl", **one, **{"method.batch_weight_temperature": 0.1}), model).training_step(batch)
+    _, hard = HNCL(method_cfg("hncl", **one), model).training_step(batch)
+    assert soft["loss_batch_nn"] == pytest.approx(hard["loss_batch_nn"], rel=1e-6)
 
 
 def test_supervised_positives_are_the_label_mates_of_the_global_batch():

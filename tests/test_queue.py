@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hncl.core.loss import Predictions, neighbour_term, positives_term, report, view_term
-from hncl.core.methods.hncl import batch_heatmap_neighbours
+from hncl.core.methods.hncl import batch_heatmap_neighbours, similarity_weights
 from hncl.core.queue import ShardedNeighborQueue, reshard_states
 from hncl.core.topk import top_k_exact, topk_stable
 
@@ -44,11 +44,15 @@ class ReferenceQueue:
 
 
 def hncl_loss(z1, z2, p1, p2, nn, valid, in_batch, lam=0.7, tau=0.2):
-    """HNCL's loss from its terms (as hncl.core.methods.hncl composes them): (rank share, global terms)."""
+    """HNCL's loss from its terms (as hncl.core.methods.hncl composes them): (rank share, global
+    terms). in_batch = (indices, weights) of the in-batch neighbours; they enter twice: pulled in
+    equally and as weighted soft positives (method.batch_weight_temperature)."""
     preds = Predictions.gather(p1, p2)
+    in_batch, weights = in_batch
     terms = {"loss_view": view_term(z1, z2, preds, tau), "loss_nn": neighbour_term(nn, valid, nn, valid, preds, tau),
-             "loss_batch_nn": positives_term(z1, z2, preds, in_batch, tau)}
-    loss = terms["loss_view"] + lam * terms["loss_nn"] + lam * terms["loss_batch_nn"]
+             "loss_batch_nn": positives_term(z1, z2, preds, in_batch, tau),
+             "loss_batch_soft": positives_term(z1, z2, preds, in_batch, tau, weights=weights)}
+    loss = terms["loss_view"] + lam * terms["loss_nn"] + lam * (terms["loss_batch_nn"] + terms["loss_batch_soft"])
     terms["loss"] = loss
     return loss, report(terms)
 
@@ -79,7 +83,8 @@ def _sharded_run(kind, exchange):
         nb = queue.lookup(desc, ids, K)
         z1, z2 = (t.clone().requires_grad_() for t in z)
         p1, p2 = (t.clone().requires_grad_() for t in p)
-        in_batch = batch_heatmap_neighbours(desc, 2)  # indices into the global (uneven) batch
+        in_batch, cos = batch_heatmap_neighbours(desc, 2, with_similarity=True)  # indices into the global (uneven) batch
+        in_batch = (in_batch, similarity_weights(cos, 0.3))
         loss, terms = hncl_loss(z1, z2, p1, p2, nb.embeddings, nb.valid, in_batch)
         loss.backward()
         records.append(dict(slots=nb.slots, ids=nb.ids, scores=nb.scores, valid=nb.valid, emb=nb.embeddings,
@@ -122,14 +127,18 @@ def assert_equal_to_single_process_union(results, world_size, kind):
         # single process on the concatenated global batch, with the reference's neighbours
         z1, z2, p1, p2 = (torch.cat([b[3][j] if j < 2 else b[4][j - 2] for b in batches]).requires_grad_()
                           for j in range(4))
-        in_batch = batch_heatmap_neighbours(torch.cat([b[0] for b in batches]), 2)
+        in_batch, cos = batch_heatmap_neighbours(torch.cat([b[0] for b in batches]), 2, with_similarity=True)
+        in_batch = (in_batch, similarity_weights(cos, 0.3))
         loss, terms = hncl_loss(z1, z2, p1, p2, torch.cat([e for e, _ in nb_all]), torch.cat([v for _, v in nb_all]),
                                 in_batch)
         loss.backward()
         rank_losses = torch.stack([results[r][step]["loss"] for r in range(world_size)])
         assert torch.allclose(rank_losses.mean(), loss.detach(), atol=1e-12)
         for name, value in terms.items():
-            assert all(abs(results[r][step]["terms"][name] - value) < 1e-9 for r in range(world_size)), name
+            # the soft term's weights come from float32 cosines (the neighbour search's precision),
+            # computed per rank on its rows: equal to about 1e-9 of the term, not to the last bit
+            tol = 1e-9 if name not in ("loss_batch_soft", "loss") else 1e-8 * abs(value)
+            assert all(abs(results[r][step]["terms"][name] - value) < tol for r in range(world_size)), name
         # DDP averages gradients over ranks: rank r's gradient / W must be the reference's rows of r
         start = 0
         for r, b in enumerate(batches):

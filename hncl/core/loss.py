@@ -13,7 +13,8 @@ and samples with none (queue still filling) are left out of the mean rather than
 garbage target. The positives term takes, per anchor, indices into the global batch (-1 = none)
 or a boolean mask over it; those embeddings are fresh and carry gradient. Its pool "each" pulls
 in every positive; "any" (MIL-NCE) asks only that the anchor match some of them, which is what
-noisy positives (realistic faces' heatmap neighbours) need.
+noisy positives (realistic faces' heatmap neighbours) need. Positives given as indices may carry
+weights (a soft target over them, e.g. from heatmap similarity) instead of counting equally.
 
 Each term is this rank's share: its average over ranks is the term of one process on the whole
 global batch, and its gradient, averaged over ranks by DDP, is that process's gradient (the
@@ -63,7 +64,7 @@ class Pool(str, enum.Enum):
 
 
 def multi_positive_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor,
-                       temperature: float, pool: Pool = Pool.each, own_offset: Optional[int] = None,
+                       temperature: float, pool: Pool = Pool.each,
                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-anchor InfoNCE with several positives: anchors [B, D], candidates [N, D] (the global
     batch), positives [B, n] indices into candidates (-1 = none) or a bool mask [B, N]. Returns
@@ -72,21 +73,21 @@ def multi_positive_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive
                    (every positive is pulled in);
       pool "any":  -log of the summed softmax mass on its positives (MIL-NCE): matching some of
                    them is enough, so positives that do not belong (noisy neighbours) get little pull.
-    own_offset: anchor i's own other view is candidates[own_offset + i] and is left out of its
-    softmax (the two-view term's positive: with it in, pulling a neighbour in pushes it away).
+    weights [B, n] (index positives only; each valid row sums to 1): how much each positive counts,
+    instead of equally: "each" becomes a cross-entropy against that soft target, -sum_j w_j log p_j;
+    "any" the likelihood of a mixture, -log sum_j w_j p_j.
     """
     pool = Pool(pool)
     logits = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T
-    if own_offset is not None:
-        rows = torch.arange(anchors.shape[0], device=logits.device)
-        logits = logits.index_put((rows, rows + own_offset), logits.new_tensor(float("-inf")))
     logp = F.log_softmax(logits / temperature, dim=1)
-    if weights is not None:  # a prior over each anchor's positives [B, n] (rows sum to 1 over the valid)
+    if weights is not None:
+        if positives.dtype == torch.bool:
+            raise ValueError("weights go with positives given as indices [B, n], not as a mask")
         valid = positives >= 0
         picked = logp.gather(1, positives.clamp(min=0))
         if pool is Pool.each:
-            return -(picked * weights * valid).sum(1)
-        mass = torch.logsumexp((picked + weights.clamp(min=1e-30).log()).masked_fill(~valid, float("-inf")), dim=1)
+            return -(picked * weights).masked_fill(~valid, 0.0).sum(1)
+        mass = torch.logsumexp((picked + weights.log()).masked_fill(~valid, float("-inf")), dim=1)
         return torch.where(valid.any(dim=1), -mass, torch.zeros_like(mass))
     if positives.dtype != torch.bool:
         valid = positives >= 0
@@ -151,14 +152,12 @@ def neighbour_term(nn1: torch.Tensor, valid1: torch.Tensor, nn2: torch.Tensor, v
 
 
 def positives_term(z1: torch.Tensor, z2: torch.Tensor, preds: Predictions, positives: torch.Tensor,
-                   temperature: float, pool: Pool = Pool.each, without_own_view: bool = False,
-                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   temperature: float, pool: Pool = Pool.each, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Several positives per anchor among the global batch (indices [B, n], -1 = none, or a
-    bool mask [B, N]), for both views, pooled as multi_positive_nce says; anchors with none are
-    left out of the mean. without_own_view: each anchor's own other view is no candidate."""
-    own = preds.offset if without_own_view else None
-    per_sample = 0.5 * (multi_positive_nce(z1, preds.p2, positives, temperature, pool, own, weights)
-                        + multi_positive_nce(z2, preds.p1, positives, temperature, pool, own, weights))
+    bool mask [B, N]), for both views, pooled and weighted as multi_positive_nce says; anchors
+    with none are left out of the mean."""
+    per_sample = 0.5 * (multi_positive_nce(z1, preds.p2, positives, temperature, pool, weights)
+                        + multi_positive_nce(z2, preds.p1, positives, temperature, pool, weights))
     has = positives.any(dim=1) if positives.dtype == torch.bool else (positives >= 0).any(dim=1)
     return _global_mean(per_sample, has)
 

@@ -116,10 +116,10 @@ class QueueMethod(Method):
     def digest(self) -> str:
         return self.queue.digest()
 
-    def neighbour_metrics(self, n, labels: Optional[torch.Tensor],
-                          batch_pos: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    def neighbour_metrics(self, n, labels: Optional[torch.Tensor], batch_pos: Optional[torch.Tensor] = None,
+                          batch_weights: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Queue fill, mean neighbour score and (labels known) the label purity of the queue's and
-        the in-batch positives, global (one all-reduce)."""
+        the in-batch positives, global (one all-reduce); weighted positives count by their weight."""
         valid = n.valid
         stats = [valid.sum(), torch.where(valid, n.scores, torch.zeros_like(n.scores)).sum(),
                  (self.queue.ids >= 0).sum()]
@@ -131,7 +131,8 @@ class QueueMethod(Method):
                 mine = labels.to(batch_pos.device)
                 pos_labels = torch.where(batch_pos >= 0, hdist.all_gather_rows(mine)[batch_pos.clamp(min=0)], -1)
                 known_b = (pos_labels >= 0) & (mine.unsqueeze(1) >= 0)
-                stats += [known_b.sum(), (known_b & (pos_labels == mine.unsqueeze(1))).sum()]
+                weight = known_b.double() if batch_weights is None else batch_weights.double() * known_b
+                stats += [weight.sum(), (weight * (pos_labels == mine.unsqueeze(1))).sum()]
         s = hdist.all_reduce_sum(torch.stack([t.double() for t in stats]))
         out = {"queue_fill": float(s[2]) / self.queue.capacity,
                "nn_score": float(s[1] / s[0]) if s[0] > 0 else float("nan")}

@@ -9,7 +9,10 @@ expression lives and identity, lighting and pose mostly do not.
              + lambda 1/2 [NCE(nn, p2) + NCE(nn, p1)]                   (queue neighbours)
              + lambda 1/2 [NCE(z1, p2[nb]) + NCE(z2, p1[nb])]           (in-batch neighbours, each
                                                                         pulled in, or any of them:
-                                                                        method.batch_pool)
+                                                                        method.batch_pool; equally,
+                                                                        or weighted by heatmap
+                                                                        similarity: method.
+                                                                        batch_weight_temperature)
     queue.enqueue(h, z1)
 
 One heatmap per image: both views share its neighbours. The in-batch term is the project's
@@ -37,6 +40,7 @@ Example (one process)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +52,9 @@ from hncl.core.methods.base import QueueConfig, QueueMethod
 from hncl.core.topk import topk_stable
 
 
-def _nearest(queries: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """[Q, n] indices of each query's n most similar keys, query i being keys[offset + i] itself
-    (excluded); -1 where there are fewer than n others."""
+    (excluded), -1 where there are fewer than n others; and their similarities (-inf there)."""
     sim = queries @ keys.T
     own = torch.arange(queries.shape[0], device=queries.device) + offset
     sim[torch.arange(queries.shape[0], device=queries.device), own] = float("-inf")
@@ -59,26 +63,38 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> 
     idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
     if m < n:
         idx = torch.cat([idx, idx.new_full((idx.shape[0], n - m), -1)], dim=1)
-    return idx
+        val = torch.cat([val, val.new_full((val.shape[0], n - m), float("-inf"))], dim=1)
+    return idx, val
 
 
 @torch.no_grad()
-def batch_heatmap_neighbours(desc: torch.Tensor, n: int, mutual: bool = False) -> torch.Tensor:
+def batch_heatmap_neighbours(desc: torch.Tensor, n: int, mutual: bool = False,
+                             with_similarity: bool = False):
     """[B, n] global-batch indices of each local sample's n nearest heatmap descriptors among
     all ranks' samples (itself excluded; -1 where the global batch is too small). mutual: keep a
-    neighbour only if this sample is also among that neighbour's n nearest (-1 otherwise)."""
+    neighbour only if this sample is also among that neighbour's n nearest (-1 otherwise).
+    with_similarity: also their descriptor cosines [B, n] (-inf where the index is -1)."""
     local = F.normalize(desc.float(), dim=1)
     sizes = hdist.gather_sizes(desc.shape[0], desc.device)
     desc_all = hdist.all_gather_rows(local, sizes)
     offset = sum(sizes[: hdist.rank()])
     if not mutual:
-        return _nearest(local, desc_all, offset, n)
-    # every sample's lists from the one gathered matrix, so both directions agree on every rank
-    everyone = _nearest(desc_all, desc_all, 0, n)
-    mine = everyone[offset: offset + desc.shape[0]]
-    own = torch.arange(desc.shape[0], device=desc.device) + offset
-    back = (everyone[mine.clamp(min=0)] == own.view(-1, 1, 1)).any(dim=2)  # am I in my neighbour's list?
-    return torch.where((mine >= 0) & back, mine, torch.full_like(mine, -1))
+        idx, sim = _nearest(local, desc_all, offset, n)
+    else:
+        # every sample's lists from the one gathered matrix, so both directions agree on every rank
+        everyone, sim_all = _nearest(desc_all, desc_all, 0, n)
+        mine, sim = everyone[offset: offset + desc.shape[0]], sim_all[offset: offset + desc.shape[0]]
+        own = torch.arange(desc.shape[0], device=desc.device) + offset
+        back = (everyone[mine.clamp(min=0)] == own.view(-1, 1, 1)).any(dim=2)  # am I in my neighbour's list?
+        idx = torch.where((mine >= 0) & back, mine, torch.full_like(mine, -1))
+        sim = sim.masked_fill(idx < 0, float("-inf"))
+    return (idx, sim) if with_similarity else idx
+
+
+def similarity_weights(sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, n] weights of each anchor's neighbours: softmax(cosine / temperature) over its valid
+    ones (sim -inf = none; a row without any is all zeros)."""
+    return torch.nan_to_num(torch.softmax(sim / temperature, dim=1), nan=0.0)
 
 
 @dataclass
@@ -96,10 +112,9 @@ class HNCLConfig(QueueConfig):
     # (MIL-NCE: the anchor has to match some of them, so neighbours of another expression, 65% of
     # them on realistic faces, get little pull)
     batch_pool: Pool = Pool.each
-    # the in-batch neighbour term's softmax leaves out the anchor's own other view: a neighbour is
-    # then pulled in against the other faces only, not against the two-view term's positive
-    batch_without_own_view: bool = False
-    # > 0: the in-batch neighbours weighted by softmax(heatmap cosine / this) instead of equally
+    # > 0: the in-batch neighbours are soft positives, neighbour j of anchor i weighing
+    # softmax_j(heatmap cosine(i, j) / T) (with pool each: a cross-entropy against the heatmaps'
+    # graded similarity, not n equal pulls); 0: every neighbour counts the same
     batch_weight_temperature: float = 0.0
 
     @staticmethod
@@ -115,6 +130,10 @@ class HNCLConfig(QueueConfig):
               "needs method.batch_neighbours >= 1 (it filters the in-batch neighbours)")
         check(me.batch_pool is Pool.each or me.batch_neighbours >= 1, "method.batch_pool", me.batch_pool.value,
               "needs method.batch_neighbours >= 1 (it pools the in-batch neighbours)")
+        check(me.batch_weight_temperature >= 0, "method.batch_weight_temperature", me.batch_weight_temperature,
+              "must be >= 0 (0 = the in-batch neighbours weigh the same)")
+        check(me.batch_weight_temperature == 0 or me.batch_neighbours >= 1, "method.batch_weight_temperature",
+              me.batch_weight_temperature, "needs method.batch_neighbours >= 1 (it weights the in-batch neighbours)")
 
 
 class HNCL(QueueMethod):
@@ -133,7 +152,6 @@ class HNCL(QueueMethod):
         self.exclude_neighbours = bool(cfg.method.exclude_neighbours)
         self.mutual_neighbours = bool(cfg.method.mutual_neighbours)
         self.batch_pool = Pool(cfg.method.batch_pool)
-        self.batch_without_own_view = bool(cfg.method.batch_without_own_view)
         self.batch_weight_temperature = float(cfg.method.batch_weight_temperature)
 
     def training_step(self, batch):
@@ -142,16 +160,13 @@ class HNCL(QueueMethod):
         desc = self.descriptors(batch)
         with record_function("hncl/queue_lookup"):
             n = self.queue.lookup(desc, ids, self.topk)  # before this batch is enqueued
-        batch_pos = None
+        batch_pos = weights = None
         if self.batch_neighbours:
             with record_function("hncl/batch_neighbours"):
-                batch_pos = batch_heatmap_neighbours(desc, self.batch_neighbours, self.mutual_neighbours)
-                weights = None
+                batch_pos, sim = batch_heatmap_neighbours(desc, self.batch_neighbours, self.mutual_neighbours,
+                                                          with_similarity=True)
                 if self.batch_weight_temperature > 0:
-                    local = F.normalize(desc.float(), dim=1)
-                    sim = (local @ hdist.all_gather_rows(local).T).gather(1, batch_pos.clamp(min=0))
-                    weights = torch.softmax((sim / self.batch_weight_temperature).masked_fill(batch_pos < 0, float("-inf")), 1)
-                    weights = torch.nan_to_num(weights)
+                    weights = similarity_weights(sim, self.batch_weight_temperature)
         with record_function("hncl/loss"):
             preds = Predictions.gather(p1, p2)
             excluded = batch_pos if self.exclude_neighbours else None  # not repelled as negatives
@@ -160,12 +175,12 @@ class HNCL(QueueMethod):
             loss = terms["loss_view"] + self.nn_weight * terms["loss_nn"]
             if batch_pos is not None:
                 terms["loss_batch_nn"] = positives_term(z1, z2, preds, batch_pos, self.temperature, self.batch_pool,
-                                                             self.batch_without_own_view, weights)
+                                                             weights)
                 loss = loss + self.nn_weight * terms["loss_batch_nn"]
             terms["loss"] = loss
             metrics = report(terms)
         with record_function("hncl/neighbour_metrics"):
-            metrics.update(self.neighbour_metrics(n, labels, batch_pos))
+            metrics.update(self.neighbour_metrics(n, labels, batch_pos, weights))
         with record_function("hncl/queue_enqueue"):
             self.queue.enqueue(desc, z1.detach(), ids, labels)
         return loss, metrics
