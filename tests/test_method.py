@@ -193,6 +193,7 @@ def test_batch_heatmap_neighbours_brute_force_and_small_batches():
     assert batch_heatmap_neighbours(desc[:2], 3).tolist() == [[1, -1, -1], [0, -1, -1]]
     assert batch_heatmap_neighbours(desc[:2], 3, mutual=True).tolist() == [[1, -1, -1], [0, -1, -1]]
     assert batch_heatmap_neighbours(desc[:1], 2).tolist() == [[-1, -1]]
+    assert batch_heatmap_neighbours(desc[:0], 2).shape == (0, 2)  # an empty batch: no rows, still n columns
     # with their cosines, -inf where there is no neighbour (also where mutual dropped one)
     idx, cos = batch_heatmap_neighbours(desc, 3, with_similarity=True)
     assert torch.equal(idx, got) and torch.allclose(cos, sim.gather(1, got))

@@ -36,7 +36,7 @@ METHODS = {  # demo name -> method settings (everything else is shared: configs/
     # queue heatmap neighbour + every other face of the global batch of 128 as a soft positive,
     # weighted by softmax(heatmap cosine / 0.05): the heatmaps' graded similarity as the target,
     # not 5 equal neighbours of which 65% show another expression on realistic faces (chosen on
-    # validation identities, README "Robust to noisy neighbours")
+    # validation identities, README "Soft heatmap positives")
     "hncl": {"method.name": "hncl", **QUEUE, "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05,
              "method.batch_pool": "each"},
     "baseline": {"method.name": "simclr"},
@@ -283,7 +283,8 @@ def _markdown(summary: Dict) -> str:
         f"{any_r['heatmap_purity']:.3f}. *Neighbour purity* is the fraction of the positives each method's queue "
         "supplied during the second half of training that share the anchor's expression (HNCL: heatmap "
         "neighbours, NNCLR: embedding neighbours, baseline: none); *in-batch positives*: the same for HNCL's "
-        "heatmap neighbours within the global batch. *Embedding purity*: the same for the "
+        "heatmap neighbours within the global batch, each counted by its weight (soft positives). "
+        "*Embedding purity*: the same for the "
         "nearest test face in the learned feature space.", "",
         "![loss curves](loss_curves.png)", "",
         "| HNCL | baseline | NNCLR |", "|---|---|---|",

@@ -58,7 +58,7 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> 
     sim = queries @ keys.T
     own = torch.arange(queries.shape[0], device=queries.device) + offset
     sim[torch.arange(queries.shape[0], device=queries.device), own] = float("-inf")
-    m = min(n, keys.shape[0] - 1)
+    m = max(0, min(n, keys.shape[0] - 1))  # (no keys at all: none to find, not n + 1 columns)
     val, idx = topk_stable(sim, m) if m > 0 else (sim[:, :0], sim[:, :0].long())
     idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
     if m < n:
