@@ -96,6 +96,7 @@ BAD_SETTINGS = [
     (["method.batch_neighbours=0", "method.mutual_neighbours=true"], "method.mutual_neighbours"),
     (["method.batch_neighbours=0", "method.batch_pool=any"], "method.batch_pool"),
     (["method.batch_neighbours=5", "method.batch_weight_temperature=-0.1"], "method.batch_weight_temperature"),
+    (["method.batch_neighbours=5", "method.batch_weight_temperature=1e-39"], "method.batch_weight_temperature"),
     (["method.batch_neighbours=0", "method.batch_weight_temperature=0.05"], "method.batch_weight_temperature"),
     (["descriptor.dim=0"], "descriptor.dim"),
     # derived values that used to be cut silently: now refused

@@ -130,8 +130,10 @@ class HNCLConfig(QueueConfig):
               "needs method.batch_neighbours >= 1 (it filters the in-batch neighbours)")
         check(me.batch_pool is Pool.each or me.batch_neighbours >= 1, "method.batch_pool", me.batch_pool.value,
               "needs method.batch_neighbours >= 1 (it pools the in-batch neighbours)")
-        check(me.batch_weight_temperature >= 0, "method.batch_weight_temperature", me.batch_weight_temperature,
-              "must be >= 0 (0 = the in-batch neighbours weigh the same)")
+        # below ~1e-38 cosine / T overflows float32 and every weight of a row becomes 0 (an infinite
+        # "any" loss); far above that the weights are already one-hot on the nearest
+        check(me.batch_weight_temperature == 0 or me.batch_weight_temperature >= 1e-6, "method.batch_weight_temperature",
+              me.batch_weight_temperature, "must be 0 (the in-batch neighbours weigh the same) or >= 1e-06")
         check(me.batch_weight_temperature == 0 or me.batch_neighbours >= 1, "method.batch_weight_temperature",
               me.batch_weight_temperature, "needs method.batch_neighbours >= 1 (it weights the in-batch neighbours)")
 
