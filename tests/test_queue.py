@@ -136,15 +136,18 @@ def assert_equal_to_single_process_union(results, world_size, kind):
         assert torch.allclose(rank_losses.mean(), loss.detach(), atol=1e-12)
         for name, value in terms.items():
             # the soft term's weights come from float32 cosines (the neighbour search's precision),
-            # computed per rank on its rows: equal to about 1e-9 of the term, not to the last bit
-            tol = 1e-9 if name not in ("loss_batch_soft", "loss") else 1e-8 * abs(value)
+            # computed per rank on its rows: a rank's matmul of other shape rounds otherwise (how
+            # much depends on the CPU's kernels: 1e-9 to 3e-8 of the term measured), so the bound is
+            # float32's: eps (1.2e-7) / T of the weights, well below any wrong weight or term
+            tol = 1e-9 if name not in ("loss_batch_soft", "loss") else 1e-6 * abs(value)
             assert all(abs(results[r][step]["terms"][name] - value) < tol for r in range(world_size)), name
         # DDP averages gradients over ranks: rank r's gradient / W must be the reference's rows of r
+        # (to float32's precision where the soft weights enter, as above: up to 5e-8 of the largest)
         start = 0
         for r, b in enumerate(batches):
             rows = slice(start, start + b[0].shape[0])
             for got_g, ref_t in zip(results[r][step]["grads"], (z1, z2, p1, p2)):
-                assert torch.allclose(got_g / world_size, ref_t.grad[rows], atol=1e-12)
+                assert torch.allclose(got_g / world_size, ref_t.grad[rows], atol=1e-6 * float(ref_t.grad.abs().max()))
             start += b[0].shape[0]
         for r, (desc, emb, ids, _, _) in enumerate(batches):
             ref.enqueue(r, desc.numpy(), emb.numpy(), ids.numpy())
@@ -365,3 +368,22 @@ def test_lookup_accepts_an_empty_local_batch_on_any_rank(run_distributed):
     assert v1.all() and s1[:, 0].tolist() == [0, 1, 2]  # each one-hot query's key, rank 0's copy (lower slot)
     single = ShardedNeighborQueue(8, DE, DH)
     assert single.lookup(torch.zeros(0, DH), torch.zeros(0, dtype=torch.int64), 3).slots.shape == (0, 3)
+
+
+def test_keys_of_another_space_are_refused_on_resume_and_kept_by_reshard():
+    """A queue whose keys are whitened descriptors (descriptor.whiten) must not resume from one
+    holding plain descriptors, or the other way round: same shapes, incomparable keys."""
+    whitened = ShardedNeighborQueue(8, DE, DH, key_space="descriptor.whiten=16")
+    whitened.enqueue(torch.randn(5, DH), torch.randn(5, DE), torch.arange(5), torch.arange(5))
+    state = whitened.state_dict()
+    assert state["key_space"] == "descriptor.whiten=16"
+    with pytest.raises(ValueError, match="keys are descriptor.whiten=16; this run's are the default descriptor"):
+        ShardedNeighborQueue(8, DE, DH).load_state_dict(state)
+    plain = ShardedNeighborQueue(8, DE, DH)
+    assert "key_space" not in plain.state_dict()  # checkpoints of the default space look as before
+    with pytest.raises(ValueError, match="keys are the default descriptor; this run's are descriptor.whiten=8"):
+        ShardedNeighborQueue(8, DE, DH, key_space="descriptor.whiten=8").load_state_dict(plain.state_dict())
+    (one,) = reshard_states([state], world_size=1, capacity=4)
+    again = ShardedNeighborQueue(4, DE, DH, key_space="descriptor.whiten=16")
+    again.load_state_dict(one)
+    assert again.ids[again.ids >= 0].tolist() == [1, 2, 3, 4]
