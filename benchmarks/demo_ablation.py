@@ -32,6 +32,9 @@ ANY = {"method.name": "hncl", **QUEUE, "method.batch_neighbours": 5, "method.bat
 # HNCL as the demo ran it before #24 (every in-batch neighbour pulled in): the first round's
 # variants were measured against it
 EACH = {**ANY, "method.batch_pool": "each"}
+# HNCL as the demo ran it in #24's third round: every other face of the global batch a soft
+# positive, weighted by softmax(heatmap cosine / 0.05); the fourth round's variants build on it
+RELATIONAL = {**ANY, "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05, "method.batch_pool": "each"}
 VARIANTS = {
     "random": None,  # no pretraining: the floor every method must clear
     "baseline": METHODS["baseline"],
@@ -78,8 +81,11 @@ VARIANTS = {
     # the 5 nearest pooled "any" (a mixture), or every other face of the global batch of 128
     # pooled "each" (a cross-entropy against the heatmaps' similarity: the demo's since)
     "hncl_soft": {**ANY, "method.batch_weight_temperature": 0.05},
-    "hncl_relational": {**ANY, "method.batch_neighbours": 127, "method.batch_weight_temperature": 0.05,
-                        "method.batch_pool": "each"},
+    "hncl_relational": RELATIONAL,
+    # (#24, fourth round) neighbours searched in the whitened space of the descriptor's first k PCA
+    # components: head pose and face shape (the largest directions) no longer outweigh expression
+    "hncl_whiten16": {**RELATIONAL, "descriptor.whiten": 16},
+    "hncl_whiten32": {**RELATIONAL, "descriptor.whiten": 32},
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},

@@ -125,6 +125,10 @@ class DescriptorConfig:
     resolution: Optional[int] = None  # R of the stored heatmaps (ShardSetDefaults.resolution)
     inner_only: Optional[bool] = None  # the descriptor on the 51 inner points (ShardSetDefaults.inner_only)
     dim: Optional[int] = None  # Dh after the PCA projection (ShardSetDefaults.descriptor_dim)
+    # How this run uses the set's descriptor (not a property of the set): 0 = as fitted; k > 0 = its
+    # first k components scaled to unit variance (whitened), so head pose and face shape, the largest
+    # directions of heatmap variation, stop outweighing expression in the neighbour search (#24)
+    whiten: int = 0
 
 
 @dataclass
@@ -507,6 +511,10 @@ def validate(cfg: DictConfig) -> None:
     _check(d.resolution is None or d.resolution in (4, 8, 16, 32, 64), "descriptor.resolution", d.resolution,
            "allowed values: 4, 8, 16, 32, 64 (divisors of the 64x64 heatmap), or null (the shard set's)")
     _check(d.dim is None or d.dim >= 1, "descriptor.dim", d.dim, "must be >= 1 (or null: the shard set's)")
+    _check(d.whiten >= 0, "descriptor.whiten", d.whiten,
+           "must be >= 0 (0: the set's descriptor as fitted; k: its first k components whitened)")
+    _check(d.dim is None or d.whiten <= d.dim, "descriptor.whiten", d.whiten,
+           f"must be <= descriptor.dim={d.dim} (it whitens the first k of the descriptor's components)")
     # data (train_shards: a path; augment_on: an enum)
     da = cfg.data
     _check(da.image_size >= 16, "data.image_size", da.image_size, "must be >= 16")

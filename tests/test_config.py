@@ -99,6 +99,8 @@ BAD_SETTINGS = [
     (["method.batch_neighbours=5", "method.batch_weight_temperature=1e-39"], "method.batch_weight_temperature"),
     (["method.batch_neighbours=0", "method.batch_weight_temperature=0.05"], "method.batch_weight_temperature"),
     (["descriptor.dim=0"], "descriptor.dim"),
+    (["descriptor.whiten=-1"], "descriptor.whiten"),
+    (["descriptor.dim=8", "descriptor.whiten=9"], "descriptor.whiten"),  # more than the descriptor has
     # derived values that used to be cut silently: now refused
     (["method.batch_neighbours=500"], "method.batch_neighbours"),  # global batch 32
     (["method.batch_neighbours=64", "dist.num_workers=2"], "method.batch_neighbours"),  # = 2 x 32
@@ -170,6 +172,7 @@ def tiny_set(tmp_path_factory):
     (["descriptor.dim=999"], "descriptor.dim"),  # used to be replaced by the set's 8
     (["descriptor.resolution=8"], "descriptor.resolution"),
     (["descriptor.inner_only=false"], "descriptor.inner_only"),
+    (["descriptor.whiten=9"], "descriptor.whiten"),  # the set's descriptor has 8 components
     # --debug is one process: a global batch of 4, not the 8 of two Ray workers
     (["dist.num_workers=2", "method.batch_neighbours=5"], "method.batch_neighbours"),
     # images the encoder cannot take: a ViT would drop the pixels past its last whole patch

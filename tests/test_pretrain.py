@@ -126,6 +126,24 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shard_set, tmp_
     assert row["step"] == 2 and 0.0 <= row["batch_nn_purity"] <= 1.0 and row["loss_batch_nn"] > 0
 
 
+def test_a_whitened_descriptor_run_searches_whitened_keys_and_resumes_only_with_them(shard_set, tmp_path):
+    from hncl.errors import UserError
+    from hncl.train.launch import pretrain
+
+    args = overrides(shard_set, tmp_path, "white", steps=4, **{"data.loader_workers": 0, "descriptor.whiten": 8})
+    pretrain(load_config("configs/debug.yaml", args), debug=True)
+    queue = torch.load(tmp_path / "white" / "checkpoint_00000004" / "queue_rank0.pt", weights_only=True)
+    # the set's descriptor has 32 components: keys of 8 are its whitened first 8
+    assert queue["keys"].shape[1] == 8 and queue["key_space"] == "descriptor.whiten=8"
+    assert torch.allclose(queue["keys"].norm(dim=1)[queue["ids"] >= 0], torch.ones(1))
+    longer = [a for a in args if not a.startswith("optim.epochs")] + ["optim.epochs=2"]
+    for other in ("descriptor.whiten=0", "descriptor.whiten=4"):  # another space, or another size
+        with pytest.raises(UserError, match=r"cannot resume from .*checkpoint_00000004: queue checkpoint"):
+            pretrain(load_config("configs/debug.yaml", [*longer, other]), debug=True)
+    pretrain(load_config("configs/debug.yaml", longer), debug=True)  # the same setting resumes
+    assert [m["step"] for m in read_metrics(str(tmp_path / "white"))] == [2, 4, 6, 8]
+
+
 def test_ray_ddp_two_workers_survive_a_killed_worker(shard_set, tmp_path, ray_local):
     from hncl.train.launch import pretrain
 

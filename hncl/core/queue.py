@@ -71,9 +71,12 @@ class ShardedNeighborQueue:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         exchange: str = "auto",
+        key_space: Optional[str] = None,
     ):
         """key_dim: size of separate search keys (e.g. heatmap descriptors); None: the stored
-        embeddings are searched (NNCLR)."""
+        embeddings are searched (NNCLR). key_space: names the space the keys live in when it is
+        not the default one (e.g. a whitened descriptor): checkpoints of another space are refused,
+        since their keys would be compared with this run's as if they were alike."""
         if exchange not in ("auto", "all_to_all", "all_gather"):
             raise ValueError(f"exchange must be auto, all_to_all or all_gather, got {exchange!r}")
         self.world_size, self.rank = hdist.world_size(), hdist.rank()
@@ -86,6 +89,7 @@ class ShardedNeighborQueue:
         self.dtype = dtype
         self.device = torch.device(device)
         self.exchange = exchange
+        self.key_space = key_space
         # without key_dim the search keys are the stored embeddings: no second copy
         self.keys = torch.zeros(self.slots, key_dim, dtype=dtype, device=self.device) if key_dim else None
         self.values = torch.zeros(self.slots, value_dim, dtype=dtype, device=self.device)
@@ -226,10 +230,13 @@ class ShardedNeighborQueue:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         """This rank's slice only: save it as queue_rank{r}.pt."""
-        return {"capacity": self.capacity, "world_size": self.world_size, "rank": self.rank, "ptr": self.ptr,
-                "keys": None if self.keys is None else self.keys.cpu().clone(),
-                "values": self.values.cpu().clone(), "ids": self.ids.cpu().clone(),
-                "labels": self.labels.cpu().clone()}
+        state = {"capacity": self.capacity, "world_size": self.world_size, "rank": self.rank, "ptr": self.ptr,
+                 "keys": None if self.keys is None else self.keys.cpu().clone(),
+                 "values": self.values.cpu().clone(), "ids": self.ids.cpu().clone(),
+                 "labels": self.labels.cpu().clone()}
+        if self.key_space is not None:  # (absent = the default space: checkpoints from before it stay valid)
+            state["key_space"] = self.key_space
+        return state
 
     def digest(self) -> str:
         """sha256 of this slice's contents: equal digests = identical slices (for resume checks)."""
@@ -251,6 +258,10 @@ class ShardedNeighborQueue:
             raise ValueError("queue checkpoint " + ("searches its stored embeddings" if state["keys"] is None else
                                                     "has separate search keys") + "; this run's queue does not "
                              "(a checkpoint of another method)")
+        if state.get("key_space") != self.key_space:
+            raise ValueError(f"queue checkpoint keys are {state.get('key_space') or 'the default descriptor'}; this run's are "
+                             f"{self.key_space or 'the default descriptor'}: resume with the setting the run started "
+                             "with (or start a new run)")
         if self.keys is not None:
             if state["keys"].shape != self.keys.shape:  # type: ignore[union-attr]
                 raise ValueError("queue checkpoint descriptors do not match this run's descriptor size")
@@ -313,6 +324,8 @@ def reshard_states(states: Sequence[Dict[str, object]], world_size: int,
                         if has_keys else None),
                "ids": torch.full((slots,), -1, dtype=torch.int64),
                "labels": torch.full((slots,), -1, dtype=torch.int64)}
+        if "key_space" in states[0]:
+            new["key_space"] = states[0]["key_space"]
         for j, (_, old_r, old_slot) in enumerate(block):
             src = states[old_r]
             new["values"][j] = src["values"][old_slot]  # type: ignore[index]

@@ -91,6 +91,19 @@ def descriptor_matches(cfg, shards) -> None:
             raise ConfigError(f"config error: descriptor.{key}={want!r}: the shard set {shards.root} was built with "
                               f"{key}={have} (hncl make-shards {option}); set descriptor.{key}={have} or null "
                               f"(the set's), or build the set again")
+    run_descriptor(cfg, shards)  # descriptor.whiten: within the set's components, and the set keeps their variances
+
+
+def run_descriptor(cfg, shards):
+    """The descriptor a run searches heatmap neighbours with: the set's, whitened in its first
+    descriptor.whiten components when that is set."""
+    descriptor = shards.descriptor()
+    if not cfg.descriptor.whiten:
+        return descriptor
+    try:
+        return descriptor.whitened(cfg.descriptor.whiten)
+    except ValueError as e:
+        raise ConfigError(f"config error: descriptor.whiten={cfg.descriptor.whiten}: {e} ({shards.root})") from None
 
 
 def ranks(cfg, debug: bool) -> tuple:

@@ -284,15 +284,18 @@ class Engine:
         if missing:
             raise UserError(f"checkpoint {folder} lacks {', '.join(missing)} of the {saved_world} {prefix} slices "
                             f"its ranks saved")
-        if saved_world == self.world:
-            method.load_state_dict(torch.load(files[self.rank], weights_only=True))
-            return
-        # another world size: the slices are re-split, exactly (method.reshard says how)
-        if self.rank == 0:
-            print(f"[hncl] resuming {saved_world} ranks' run on {self.world}: the {prefix} is re-split over "
-                  f"{self.world} ranks", flush=True)
-        states = [torch.load(f, weights_only=True) for f in files]
-        method.load_state_dict(method.reshard(states, self.world)[self.rank])
+        try:
+            if saved_world == self.world:
+                method.load_state_dict(torch.load(files[self.rank], weights_only=True))
+                return
+            # another world size: the slices are re-split, exactly (method.reshard says how)
+            if self.rank == 0:
+                print(f"[hncl] resuming {saved_world} ranks' run on {self.world}: the {prefix} is re-split over "
+                      f"{self.world} ranks", flush=True)
+            states = [torch.load(f, weights_only=True) for f in files]
+            method.load_state_dict(method.reshard(states, self.world)[self.rank])
+        except ValueError as e:  # the saved state does not fit this run's settings (the method says why)
+            raise UserError(f"cannot resume from {folder}: {e}") from None
 
     def _record_resume(self, state: dict, method) -> None:
         """Append to resumes.jsonl which step the run came back from and a digest of every rank's

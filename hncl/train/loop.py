@@ -100,7 +100,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         self.engine = Engine(cfg.dist, model, optimizer, None, self.device, run_dir=run_dir(cfg),
                              batch_size=self.batch_size, grad_clip=cfg.optim.grad_clip, session=self.session, log=True)
-        self.descriptor = self.shards.descriptor().to(self.device)
+        from hncl.infra.preflight import run_descriptor
+
+        self.descriptor = run_descriptor(cfg, self.shards).to(self.device)  # (descriptor.whiten applied)
         self.method = build_method(cfg, self.engine.module, self.device, self.descriptor, autocast=self.engine.autocast)
         self.run_dir = self.engine.run_dir
         self.stream = StreamState.start(self.shards.counts, cfg.run.seed, self.world * self.readers_per_rank,

@@ -2,7 +2,8 @@
 neighbour search moved from the learned embedding into facial-landmark-heatmap space, where
 expression lives and identity, lighting and pose mostly do not.
 
-    h        = descriptor(stored landmark heatmaps)        (fixed, from the shard set)
+    h        = descriptor(stored landmark heatmaps)        (fixed, from the shard set; optionally
+                                                            whitened: descriptor.whiten)
     nn       = the queue entries nearest to h (top-k), their stored embeddings (no gradient)
     nb       = each face's n heatmap-nearest faces within the global batch (method.batch_neighbours)
     loss     = 1/2 [NCE(z1, p2) + NCE(z2, p1)]                         (the two views)
@@ -149,6 +150,9 @@ class HNCL(QueueMethod):
         # (no set, descriptors given in the batch: descriptor.dim, else make-shards' default of 64)
         key_dim = key_dim or getattr(descriptor, "dim", None) or cfg.descriptor.dim or 64
         super().__init__(cfg, model, key_dim=key_dim, **kwargs)
+        whiten = int(getattr(cfg.descriptor, "whiten", 0) or 0)
+        if whiten:  # the queue's keys are whitened descriptors: a resume must search the same space
+            self.queue.key_space = f"descriptor.whiten={whiten}"
         self.nn_weight = float(cfg.method.nn_weight)
         self.batch_neighbours = int(cfg.method.batch_neighbours)
         self.exclude_neighbours = bool(cfg.method.exclude_neighbours)
