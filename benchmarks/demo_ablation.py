@@ -86,6 +86,7 @@ VARIANTS = {
     # components: head pose and face shape (the largest directions) no longer outweigh expression
     "hncl_whiten16": {**RELATIONAL, "descriptor.whiten": 16},
     "hncl_whiten32": {**RELATIONAL, "descriptor.whiten": 32},
+    "hncl_any_whiten16": {**ANY, "descriptor.whiten": 16},  # the second round's 5 nearest pooled any, whitened
     "supervised": {"method.name": "supervised"},  # labels as positives: the upper bound
     "hncl_lambda2": {**EACH, "method.nn_weight": 2.0},
     "hncl_lambda05": {**EACH, "method.nn_weight": 0.5},
