@@ -91,7 +91,8 @@ def descriptor_matches(cfg, shards) -> None:
             raise ConfigError(f"config error: descriptor.{key}={want!r}: the shard set {shards.root} was built with "
                               f"{key}={have} (hncl make-shards {option}); set descriptor.{key}={have} or null "
                               f"(the set's), or build the set again")
-    run_descriptor(cfg, shards)  # descriptor.whiten: within the set's components, and the set keeps their variances
+    if cfg.descriptor.whiten:  # within the set's components, and the set keeps their variances (else no extra read)
+        run_descriptor(cfg, shards)
 
 
 def run_descriptor(cfg, shards):
